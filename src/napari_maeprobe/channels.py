@@ -1,0 +1,159 @@
+"""Channel names: where they come from (tables, file names) and picking channels by name."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import pandas as pd
+
+from .errors import MaeprobeInputError
+from .image import MicroscopyImage
+
+CHANNEL_TABLE_FILES = ("panel.csv", "channels.csv")
+#: columns of a channel table that hold a usable channel name, best first
+NAME_COLUMNS = ("name", "marker", "channel_name", "cellprofiler_name", "target", "stain", "channel")
+#: channel tokens in file names: ch1, c02, w1, d0 (ImageXpress), channel3, or colour/stain words
+CHANNEL_TOKEN = re.compile(
+    r"^(ch|c|w|d|channel)\d+$|^(blue|green|red|yellow|far\w*|dapi|hoechst|gfp|rfp|yfp|cfp|"
+    r"fitc|tritc|cy\d|dna|rna|er|mito|agp|actin|tubulin|brightfield|bf|phase)$",
+    re.IGNORECASE,
+)
+
+
+def find_channel_table(folder: Path, levels_up: int = 2) -> Path | None:
+    """The nearest ``panel.csv``/``channels.csv`` in ``folder`` or up to ``levels_up`` parents."""
+    folder = Path(folder)
+    for candidate in [folder, *list(folder.parents)[:levels_up]]:
+        for fname in CHANNEL_TABLE_FILES:
+            if (candidate / fname).is_file():
+                return candidate / fname
+    return None
+
+
+def _clean_name(value: str, column: str) -> str:
+    value = str(value).strip()
+    if column == "cellprofiler_name":  # CellProfiler's NamesAndTypes convention: OrigDNA -> DNA
+        value = re.sub(r"^Orig(?=[A-Z])", "", value)
+    return value
+
+
+def read_channel_table(path: Path) -> pd.DataFrame:
+    """Read a channel table into rows in channel order with a ``name`` column.
+
+    Keeps rows with ``keep == 1`` when there is such a column (the steinbock/IMC ``panel.csv``)
+    and sorts by ``channel_index`` when present; the ``name`` comes from the first of
+    :data:`NAME_COLUMNS` that the table has.
+    """
+    table = pd.read_csv(path)
+    table.columns = [str(c).strip().lower() for c in table.columns]
+    if "keep" in table.columns:
+        table = table[table["keep"].fillna(0).astype(int) == 1]
+    if "channel_index" in table.columns:
+        table = table.sort_values("channel_index")
+    column = next((c for c in NAME_COLUMNS if c in table.columns), None)
+    if column is None:
+        raise MaeprobeInputError(
+            f"channel table {path} has no name column (columns: {', '.join(table.columns)})",
+            f"add a column named one of: {', '.join(NAME_COLUMNS)}",
+        )
+    table = table.reset_index(drop=True)
+    table["name"] = [_clean_name(v, column) for v in table[column]]
+    return table
+
+
+def names_from_table(path: Path | None, n_channels: int) -> list[str] | None:
+    """Channel names of a multichannel file from a table listing its channels in order.
+
+    Used only when the row count matches ``n_channels`` and the table does not describe
+    per-channel files (no ``file``/``file_suffix`` column: such a table says nothing about the
+    channel order inside a multichannel file).
+    """
+    if path is None:
+        return None
+    table = read_channel_table(path)
+    if {"file", "file_suffix"} & set(table.columns) or len(table) != n_channels:
+        return None
+    return list(table["name"])
+
+
+def order_files_by_table(
+    path: Path | None, files: Sequence[Path], tokens: Sequence[str]
+) -> tuple[list[int], list[str]] | None:
+    """Match per-channel files to a channel table by its ``file`` or ``file_suffix`` column.
+
+    Returns (file indices in table order, their names), or ``None`` when the table does not
+    describe exactly these files.
+    """
+    if path is None:
+        return None
+    table = read_channel_table(path)
+    by_file = "file" in table.columns
+    by_suffix = "file_suffix" in table.columns
+    order: list[int] = []
+    names: list[str] = []
+    for _, row in table.iterrows():
+        for i, (f, tok) in enumerate(zip(files, tokens)):
+            if (by_file and str(row["file"]) == f.name) or (
+                by_suffix and str(row["file_suffix"]).lower() == tok.lower()
+            ):
+                order.append(i)
+                names.append(str(row["name"]))
+                break
+    if sorted(order) != list(range(len(files))):
+        return None
+    return order, names
+
+
+def default_names(n_channels: int) -> list[str]:
+    """Names used when nothing better is known: ``c0``, ``c1``, ..."""
+    return [f"c{i}" for i in range(n_channels)]
+
+
+def resolve_channel_names(
+    image: MicroscopyImage, requested: Sequence[str]
+) -> tuple[list[int], list[str]]:
+    """Indices of ``requested`` channels (case-insensitive names or integer positions).
+
+    Raises one error listing every requested channel that the image lacks.
+    """
+    lookup = {n.lower(): i for i, n in enumerate(image.channel_names)}
+    indices: list[int] = []
+    missing: list[str] = []
+    for req in requested:
+        key = str(req).strip()
+        if key.lower() in lookup:
+            indices.append(lookup[key.lower()])
+        elif key.isdigit() and int(key) < image.n_channels:
+            indices.append(int(key))
+        else:
+            missing.append(key)
+    if missing:
+        raise MaeprobeInputError(
+            f"{image.name}: channel(s) {', '.join(repr(m) for m in missing)} not found; the image "
+            f"has {', '.join(image.channel_names)}",
+            "request channels by one of those names (or their 0-based position), or rename the "
+            "channels (channel_names=... / --channel-names)",
+        )
+    if len(set(indices)) != len(indices):
+        raise MaeprobeInputError(
+            f"{image.name}: the same channel was requested twice ({', '.join(requested)})",
+            "list each channel once",
+        )
+    return indices, [image.channel_names[i] for i in indices]
+
+
+def select_channels(image: MicroscopyImage, requested: Sequence[str]) -> MicroscopyImage:
+    """Pick and order channels by name, e.g. ``["DNA", "ER", "RNA"]``."""
+    indices, names = resolve_channel_names(image, requested)
+    return image.with_data(image.data[indices], channel_names=names)
+
+
+def find_channel(image: MicroscopyImage, pattern: str) -> int | None:
+    """Index of the first channel whose name matches the regular expression ``pattern``."""
+    rx = re.compile(pattern, re.IGNORECASE)
+    for i, name in enumerate(image.channel_names):
+        if rx.search(name):
+            return i
+    return None

@@ -1,0 +1,313 @@
+"""Preprocessing that every model shares: normalisation, z handling, single-cell crops, tiles,
+and the patch grid of a crop with its per-patch table.
+
+Plain functions over NumPy arrays in canonical axes (``C, [Z,] Y, X``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+from scipy import ndimage
+
+from .boundaries import boundary_map, patch_fractions
+from .errors import MaeprobeInputError, NoCellsFoundError
+from .image import MicroscopyImage
+
+NormMethod = Literal["percentile", "zscore", "none"]
+ZMode = Literal["max", "slice", "keep"]
+
+
+# --------------------------------------------------------------------------- intensities
+
+
+def check_finite(data: np.ndarray, name: str, channel_names: list[str] | None = None) -> None:
+    """Raise one clear error if any pixel is NaN or infinite, naming the channels affected."""
+    if data.dtype.kind != "f":
+        return
+    bad = ~np.isfinite(data.reshape(data.shape[0], -1)).all(axis=1)
+    if bad.any():
+        chans = [channel_names[i] if channel_names else str(i) for i in np.flatnonzero(bad)]
+        count = int((~np.isfinite(data)).sum())
+        raise MaeprobeInputError(
+            f"{name}: {count} pixel(s) are NaN or infinite in channel(s) {', '.join(chans)}",
+            "replace them first (e.g. numpy.nan_to_num) or pass nan_policy='zero' / --nan-to-zero",
+        )
+
+
+def normalize(
+    data: np.ndarray,
+    method: NormMethod = "percentile",
+    low: float = 1.0,
+    high: float = 99.8,
+    nan_policy: Literal["raise", "zero"] = "raise",
+    name: str = "image",
+    channel_names: list[str] | None = None,
+) -> np.ndarray:
+    """Normalise each channel of ``(C, ...)`` data to float32.
+
+    ``percentile``: clip to the [low, high] percentiles and rescale to [0, 1] (robust to hot
+    pixels); ``zscore``: zero mean, unit variance. A constant channel becomes all zeros.
+    """
+    data = np.asarray(data)
+    if nan_policy == "raise":
+        check_finite(data, name, channel_names)
+    out = np.empty(data.shape, dtype=np.float32)
+    for c in range(data.shape[0]):
+        ch = np.asarray(data[c], dtype=np.float32)
+        if nan_policy == "zero":
+            ch = np.nan_to_num(ch, nan=0.0, posinf=0.0, neginf=0.0)
+        if method == "none":
+            out[c] = ch
+        elif method == "zscore":
+            sd = float(ch.std())
+            out[c] = (ch - float(ch.mean())) / sd if sd > 0 else 0.0
+        elif method == "percentile":
+            sample = ch.ravel()[:: max(1, ch.size // 2_000_000)]
+            lo, hi = np.percentile(sample, [low, high])
+            out[c] = np.clip((ch - lo) / (hi - lo), 0.0, 1.0) if hi > lo else 0.0
+        else:
+            raise MaeprobeInputError(
+                f"unknown normalisation {method!r}", "use 'percentile', 'zscore' or 'none'"
+            )
+    return out
+
+
+def project_z(image: MicroscopyImage, mode: ZMode = "max", z_index: int | None = None) -> MicroscopyImage:
+    """Make a 2D image from a z-stack (maximum-intensity projection or one slice), or keep 3D."""
+    if not image.is_3d or mode == "keep":
+        return image
+    scale = image.scale[1:] if image.scale else None
+    if mode == "max":
+        return image.with_data(image.data.max(axis=1), scale=scale)
+    if mode == "slice":
+        n_z = image.data.shape[1]
+        z = n_z // 2 if z_index is None else z_index
+        if not 0 <= z < n_z:
+            raise MaeprobeInputError(
+                f"{image.name}: slice {z} requested but the stack has {n_z} slices (0..{n_z - 1})",
+                "pick a slice inside the stack",
+            )
+        return image.with_data(image.data[:, z], scale=scale)
+    raise MaeprobeInputError(f"unknown z handling {mode!r}", "use 'max', 'slice' or 'keep'")
+
+
+# --------------------------------------------------------------------------- crops and tiles
+
+
+@dataclass
+class CropSet:
+    """Fixed-size windows cut from one image, centred on cells or tiling it.
+
+    ``crops`` is ``(N, C, [Z,] *size)``; ``cell_masks`` marks each window's own cell (all True
+    for tiles); ``boundary`` is the boundary map of the label image under each window (``None``
+    without segmentation); ``origins`` are the windows' first pixels in source coordinates
+    (negative where the window sticks out of the image: those pixels are zero).
+    """
+
+    crops: np.ndarray
+    cell_masks: np.ndarray
+    boundary: np.ndarray | None
+    cell_ids: np.ndarray
+    origins: np.ndarray
+    centroids: np.ndarray
+    size: tuple[int, ...]
+    kind: Literal["cell", "tile"]
+    image_name: str = ""
+    channel_names: tuple[str, ...] = ()
+
+    def __len__(self) -> int:
+        return int(self.crops.shape[0])
+
+
+def _as_size(size: int | tuple[int, ...], nd: int) -> tuple[int, ...]:
+    if isinstance(size, int):
+        return (size,) * nd
+    size = tuple(int(s) for s in size)
+    if len(size) != nd:
+        raise MaeprobeInputError(
+            f"crop size {size} has {len(size)} axes but the image has {nd} spatial axes",
+            f"give {nd} sizes ({'Z, Y, X' if nd == 3 else 'Y, X'}) or one number",
+        )
+    return size
+
+
+def extract_windows(array: np.ndarray, origins: np.ndarray, size: tuple[int, ...]) -> np.ndarray:
+    """Cut windows of ``size`` at ``origins`` from the last ``len(size)`` axes, zero-padded."""
+    nd = len(size)
+    lead = array.shape[:-nd]
+    spatial = array.shape[-nd:]
+    out = np.zeros((len(origins), *lead, *size), dtype=array.dtype)
+    for i, origin in enumerate(origins):
+        src, dst = [], []
+        for o, s, full in zip(origin, size, spatial):
+            a, b = max(o, 0), min(o + s, full)
+            if b <= a:
+                break
+            src.append(slice(a, b))
+            dst.append(slice(a - o, b - o))
+        else:
+            out[(i, *[slice(None)] * len(lead), *dst)] = array[(..., *src)]
+    return out
+
+
+def cell_crops(
+    data: np.ndarray,
+    labels: np.ndarray,
+    size: int | tuple[int, ...] = 128,
+    image_name: str = "",
+    channel_names: tuple[str, ...] | list[str] = (),
+    min_pixels: int = 1,
+) -> CropSet:
+    """One window of ``size`` centred on each labelled cell, zero-padded at the image border."""
+    nd = labels.ndim
+    if data.shape[-nd:] != labels.shape:
+        raise MaeprobeInputError(
+            f"{image_name}: labels of shape {labels.shape} do not match the image "
+            f"{data.shape[-nd:]}",
+            "segment this image (or pass its own label image)",
+        )
+    size = _as_size(size, nd)
+    ids, counts = np.unique(labels[labels > 0], return_counts=True)
+    ids = ids[counts >= min_pixels]
+    if ids.size == 0:
+        raise NoCellsFoundError(
+            f"{image_name}: the label image has no cells",
+            "segment with other settings, or tile the image instead (tile_image)",
+        )
+    centroids = np.asarray(ndimage.center_of_mass(labels > 0, labels, ids), dtype=np.float64)
+    centroids = centroids.reshape(len(ids), nd)
+    origins = np.round(centroids).astype(int) - np.asarray(size) // 2
+    crops = extract_windows(np.asarray(data), origins, size)
+    label_windows = extract_windows(labels, origins, size)
+    masks = label_windows == ids.reshape((-1,) + (1,) * nd)
+    boundary = extract_windows(boundary_map(labels), origins, size)
+    return CropSet(
+        crops=crops,
+        cell_masks=masks,
+        boundary=boundary,
+        cell_ids=ids.astype(np.int64),
+        origins=origins,
+        centroids=centroids,
+        size=size,
+        kind="cell",
+        image_name=image_name,
+        channel_names=tuple(channel_names),
+    )
+
+
+def tile_image(
+    data: np.ndarray,
+    size: int | tuple[int, ...] = 224,
+    stride: int | tuple[int, ...] | None = None,
+    labels: np.ndarray | None = None,
+    image_name: str = "",
+    channel_names: tuple[str, ...] | list[str] = (),
+) -> CropSet:
+    """Tile a whole image (no segmentation needed), zero-padding the last row/column of tiles."""
+    nd = data.ndim - 1
+    size = _as_size(size, nd)
+    stride = size if stride is None else _as_size(stride, nd)
+    spatial = data.shape[1:]
+    starts = [np.arange(0, max(full - s, 0) + st, st) for full, s, st in zip(spatial, size, stride)]
+    starts = [st[(st < full) | (st == 0)] for st, full in zip(starts, spatial)]
+    grid = np.stack(np.meshgrid(*starts, indexing="ij"), axis=-1).reshape(-1, nd)
+    crops = extract_windows(np.asarray(data), grid, size)
+    boundary = extract_windows(boundary_map(labels), grid, size) if labels is not None else None
+    return CropSet(
+        crops=crops,
+        cell_masks=np.ones((len(grid), *size), dtype=bool),
+        boundary=boundary,
+        cell_ids=np.arange(len(grid), dtype=np.int64),
+        origins=grid,
+        centroids=grid + (np.asarray(size) - 1) / 2.0,
+        size=size,
+        kind="tile",
+        image_name=image_name,
+        channel_names=tuple(channel_names),
+    )
+
+
+# --------------------------------------------------------------------------- patch grid
+
+
+def otsu_foreground(values: np.ndarray) -> np.ndarray:
+    """Foreground flags by Otsu's threshold over the given patch intensities."""
+    from skimage.filters import threshold_otsu
+
+    values = np.asarray(values, dtype=np.float64)
+    finite = values[np.isfinite(values)]
+    if finite.size == 0 or np.ptp(finite) == 0:
+        return np.zeros(values.shape, dtype=bool)
+    return values > threshold_otsu(finite)
+
+
+def patch_table(
+    crops: CropSet,
+    patch_size: int | tuple[int, ...] = 16,
+    per_channel: bool = False,
+    dataset: str = "",
+) -> pd.DataFrame:
+    """The patch grid of every crop as a table, one row per crop and patch (and channel).
+
+    Columns follow the observation table of the export: ``image``, ``cell_id``, ``channel``,
+    ``patch_row``, ``patch_col``, ``patch_z``, ``centroid_y/x/z`` (patch centre in source-image
+    pixels), ``patch_intensity`` (mean normalised intensity), ``foreground`` (Otsu over the patch
+    intensities, per channel when ``per_channel``), ``central`` (patch centre within the middle
+    half of the crop) and ``boundary_fraction``.
+    """
+    nd = crops.crops.ndim - 2
+    psize = _as_size(patch_size, nd)
+    intens = patch_fractions(crops.crops, psize)  # (N, C, [gz,] gy, gx)
+    grid = intens.shape[2:]
+    n, n_c = intens.shape[:2]
+    bfrac = patch_fractions(crops.boundary, psize) if crops.boundary is not None else None
+
+    idx = np.indices(grid).reshape(nd, -1).T  # (P, nd): ([z,] row, col)
+    centres_local = idx * np.asarray(psize) + (np.asarray(psize) - 1) / 2.0
+    half = np.asarray(crops.size) / 2.0
+    central = (np.abs(centres_local + 0.5 - half) < half / 2.0).all(axis=1)
+    n_p = idx.shape[0]
+
+    cell = np.repeat(np.arange(n), n_p)
+    centres = (crops.origins[cell] + np.tile(centres_local, (n, 1))).astype(np.float64)
+    base = {
+        "dataset": dataset,
+        "image": crops.image_name,
+        "cell_id": crops.cell_ids[cell],
+        "crop_index": cell,
+        "patch_row": np.tile(idx[:, -2], n),
+        "patch_col": np.tile(idx[:, -1], n),
+        "patch_z": np.tile(idx[:, 0], n) if nd == 3 else pd.NA,
+        "centroid_y": centres[:, -2],
+        "centroid_x": centres[:, -1],
+        "centroid_z": centres[:, 0] if nd == 3 else np.nan,
+        "central": np.tile(central, n),
+        "boundary_fraction": bfrac.reshape(-1) if bfrac is not None else np.nan,
+    }
+    if per_channel:
+        frames = []
+        for c in range(n_c):
+            vals = intens[:, c].reshape(-1)
+            df = pd.DataFrame(base)
+            df.insert(3, "channel", crops.channel_names[c] if crops.channel_names else str(c))
+            df["patch_intensity"] = vals
+            df["foreground"] = otsu_foreground(vals)
+            frames.append(df)
+        table = pd.concat(frames, ignore_index=True)
+    else:
+        table = pd.DataFrame(base)
+        table.insert(3, "channel", pd.NA)
+        table["patch_intensity"] = intens.mean(axis=1).reshape(-1)
+        table["foreground"] = otsu_foreground(table["patch_intensity"].to_numpy())
+    table["channel"] = table["channel"].astype("string")
+    table["patch_z"] = table["patch_z"].astype("Int64")
+    order = [
+        "dataset", "image", "cell_id", "crop_index", "channel", "patch_row", "patch_col",
+        "patch_z", "centroid_y", "centroid_x", "centroid_z", "patch_intensity", "foreground",
+        "central", "boundary_fraction",
+    ]
+    return table[order]

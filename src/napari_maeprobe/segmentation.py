@@ -1,0 +1,317 @@
+"""Cell segmentation: Cellpose (3.x ``cyto3`` and 4.x ``cpsam`` APIs) when its weights are on the
+machine, and a built-in method that needs no weights (Otsu on the nucleus channel,
+distance-transform watershed, expansion to whole cells) so that the pipeline works offline.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from scipy import ndimage
+
+from .errors import MaeprobeInputError, NoCellsFoundError, WeightsNotFoundError
+from .image import MicroscopyImage
+from .preprocessing import check_finite, normalize
+
+Method = Literal["auto", "cellpose", "builtin"]
+
+#: nucleus stains, strongest evidence first (so "DNA" wins over "PH3")
+NUCLEUS_PATTERNS = (
+    r"dna|dapi|hoechst|nucle|draq|sytox|^ir19[13]",
+    r"histone|h3k\d|^h3$",
+)
+#: whole-cell / cytoplasm / membrane stains, best first
+CELL_PATTERNS = (
+    r"cell ?body|cytopl|membrane|agp|wga|phalloidin|actin|cytokeratin|e-?cad|cd45|pan-?ck",
+    r"tubulin|mts|^er$|concanavalin|calreticulin|ybx1|rna|mito",
+)
+BRIGHTFIELD = re.compile(r"bright|^bf$|phase|dic", re.IGNORECASE)
+
+
+@dataclass
+class Segmentation:
+    """Instance labels of one image and how they were made."""
+
+    labels: np.ndarray
+    method: str
+    nucleus_channel: str
+    cell_channel: str | None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def n_cells(self) -> int:
+        return int(self.labels.max()) if self.labels.size else 0
+
+
+def pick_channel(names: list[str], patterns: tuple[str, ...], exclude: set[int] = frozenset()) -> int | None:
+    """Index of the first channel name matching the patterns, in pattern priority order."""
+    for pattern in patterns:
+        rx = re.compile(pattern, re.IGNORECASE)
+        for i, name in enumerate(names):
+            if i not in exclude and rx.search(name):
+                return i
+    return None
+
+
+def _channel_index(image: MicroscopyImage, channel: str | int | None) -> int | None:
+    if channel is None:
+        return None
+    if isinstance(channel, int) or str(channel).isdigit():
+        i = int(channel)
+        if not 0 <= i < image.n_channels:
+            raise MaeprobeInputError(
+                f"{image.name}: channel {i} does not exist (the image has {image.n_channels})",
+                f"use one of {', '.join(image.channel_names)}",
+            )
+        return i
+    from .channels import resolve_channel_names
+
+    return resolve_channel_names(image, [str(channel)])[0][0]
+
+
+# --------------------------------------------------------------------------- built-in
+
+
+def _estimate_nucleus_diameter(mask: np.ndarray) -> float:
+    lab, n = ndimage.label(mask)
+    if n == 0:
+        return 0.0
+    areas = np.bincount(lab.ravel())[1:]
+    areas = areas[areas >= 4]
+    if areas.size == 0:
+        return 0.0
+    # the median object, not touching clumps: use the lower half of areas
+    area = float(np.median(areas[areas <= np.median(areas) * 2]))
+    return 2.0 * (area / np.pi) ** (1 / 2) if mask.ndim == 2 else 2.0 * (3 * area / (4 * np.pi)) ** (1 / 3)
+
+
+def segment_builtin(
+    nucleus: np.ndarray,
+    cell: np.ndarray | None = None,
+    nucleus_diameter: float | None = None,
+    expand: float | None = None,
+    spacing: tuple[float, ...] | None = None,
+) -> np.ndarray:
+    """Segment cells without learned weights.
+
+    ``nucleus`` and ``cell`` are normalised 2D or 3D intensity images. Nuclei: Gaussian
+    smoothing, Otsu threshold, hole filling, then a watershed on the distance transform seeded
+    at its maxima (splits touching nuclei). Cells: nuclei grown by up to ``expand`` pixels
+    (default: 0.75 x the nucleus diameter) within the cell-signal foreground (Otsu on ``cell``);
+    without a cell channel they are grown by that distance.
+    """
+    from skimage.feature import peak_local_max
+    from skimage.filters import threshold_otsu
+    from skimage.morphology import remove_small_objects
+    from skimage.segmentation import expand_labels, watershed
+
+    nd = nucleus.ndim
+    spacing = tuple(spacing) if spacing is not None else (1.0,) * nd
+    rel = np.asarray(spacing) / min(spacing)
+    smooth = ndimage.gaussian_filter(nucleus.astype(np.float32), sigma=1.0 / rel)
+    if np.ptp(smooth) == 0:
+        raise NoCellsFoundError("the nucleus channel is empty (all pixels are equal)", "pick a nucleus channel with signal")
+    fg = smooth > threshold_otsu(smooth)
+    fg = ndimage.binary_fill_holes(fg) if nd == 2 else np.stack([ndimage.binary_fill_holes(s) for s in fg])
+    diameter = nucleus_diameter or _estimate_nucleus_diameter(fg)
+    if diameter < 2:
+        raise NoCellsFoundError("no nuclei stand out from the background", "check the nucleus channel")
+    min_size = int(max(4, 0.1 * (np.pi * (diameter / 2) ** 2 if nd == 2 else 4 / 3 * np.pi * (diameter / 2) ** 3)))
+    fg = remove_small_objects(fg, min_size=min_size)
+    if not fg.any():
+        raise NoCellsFoundError("no nuclei stand out from the background", "check the nucleus channel")
+    dist = ndimage.distance_transform_edt(fg, sampling=spacing)
+    dist = ndimage.gaussian_filter(dist, sigma=0.5 / rel)
+    min_dist = max(1, int(round(diameter * 0.3 / rel.max())))
+    cc, _ = ndimage.label(fg)
+    peaks = peak_local_max(dist, min_distance=min_dist, labels=cc, exclude_border=False)
+    markers = np.zeros(fg.shape, dtype=np.int32)
+    markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1)
+    nuclei = watershed(-dist, markers, mask=fg)
+    nuclei = remove_small_objects(nuclei, min_size=min_size)
+    grow = float(expand if expand is not None else 0.75 * diameter)
+    cells = expand_labels(nuclei, distance=grow / rel.min() if nd == 2 else grow)
+    if cell is not None and np.ptp(cell) > 0:
+        csmooth = ndimage.gaussian_filter(cell.astype(np.float32), sigma=1.0 / rel)
+        cell_fg = (csmooth > threshold_otsu(csmooth)) | (nuclei > 0)
+        cells = np.where(cell_fg, cells, 0)
+    cells, _, _ = _relabel(cells)
+    if cells.max() == 0:
+        raise NoCellsFoundError("no cells found", "check the nucleus channel or pass nucleus_diameter")
+    return cells
+
+
+def _relabel(labels: np.ndarray):
+    from skimage.segmentation import relabel_sequential
+
+    out, fw, inv = relabel_sequential(labels)
+    return out.astype(np.int32), fw, inv
+
+
+# --------------------------------------------------------------------------- Cellpose
+
+
+def cellpose_version() -> int | None:
+    """Major version of the installed Cellpose, or ``None`` when it is not installed."""
+    if importlib.util.find_spec("cellpose") is None:
+        return None
+    from importlib.metadata import version
+
+    return int(version("cellpose").split(".")[0])
+
+
+def cellpose_model_dir() -> Path:
+    """Where Cellpose looks for its weights (``CELLPOSE_LOCAL_MODELS_PATH`` or ~/.cellpose/models)."""
+    env = os.environ.get("CELLPOSE_LOCAL_MODELS_PATH")
+    return Path(env) if env else Path.home() / ".cellpose" / "models"
+
+
+def default_cellpose_model(major: int | None = None) -> str:
+    """The built-in model of the installed Cellpose: ``cyto3`` (3.x) or ``cpsam`` (4.x)."""
+    major = cellpose_version() if major is None else major
+    return "cpsam" if (major or 0) >= 4 else "cyto3"
+
+
+def cellpose_weights_available(weights: str | Path | None = None) -> tuple[bool, str]:
+    """Whether Cellpose can run offline, and if not why (with the file to put where)."""
+    major = cellpose_version()
+    if major is None:
+        return False, "Cellpose is not installed (pip install 'napari-maeprobe[cellpose]')"
+    if weights is not None and Path(weights).is_file():
+        return True, f"Cellpose {major}.x with weights {weights}"
+    name = str(weights) if weights is not None else default_cellpose_model(major)
+    path = cellpose_model_dir() / name
+    if path.is_file():
+        return True, f"Cellpose {major}.x with weights {path}"
+    return False, (
+        f"Cellpose weights '{name}' are not at {path}; download https://www.cellpose.org/models/"
+        f"{name} on a machine with internet and copy it to {path} (or set "
+        "CELLPOSE_LOCAL_MODELS_PATH, or pass a weights file)"
+    )
+
+
+def _torch_device(device: str):
+    import torch
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else ("mps" if torch.backends.mps.is_available() else "cpu")
+    return torch.device(device)
+
+
+def segment_cellpose(
+    nucleus: np.ndarray,
+    cell: np.ndarray | None,
+    weights: str | Path | None = None,
+    diameter: float | None = None,
+    device: str = "auto",
+    download: bool = True,
+) -> np.ndarray:
+    """Run Cellpose on a nucleus (+ cell) channel, 2D or 3D, through its Python API.
+
+    ``weights``: a local weights file, or a model name (``cyto3``/``cpsam``); by default the
+    installed version's built-in model. Without the file, Cellpose is allowed to download it
+    (``download=True``); when that fails the error says which file to put where.
+    """
+    major = cellpose_version()
+    if major is None:
+        raise MaeprobeInputError("Cellpose is not installed", "pip install 'napari-maeprobe[cellpose]' or use method='builtin'")
+    from cellpose import models
+
+    ok, why = cellpose_weights_available(weights)
+    if not ok and not download:
+        raise WeightsNotFoundError(why.split("; ")[0], why.split("; ", 1)[1])
+    dev = _torch_device(device)
+    gpu = dev.type != "cpu"
+    local = weights is not None and Path(weights).is_file()
+    name = str(weights) if local else (str(weights) if weights else default_cellpose_model(major))
+    stack = np.stack([cell if cell is not None else np.zeros_like(nucleus), nucleus])  # (2, [Z,] Y, X)
+    do_3d = nucleus.ndim == 3
+    try:
+        if major >= 4:
+            model = models.CellposeModel(gpu=gpu, pretrained_model=name, device=dev)
+        elif local:
+            model = models.CellposeModel(gpu=gpu, pretrained_model=name, device=dev)
+        else:
+            model = models.CellposeModel(gpu=gpu, model_type=name, device=dev)
+    except Exception as exc:  # cellpose raises URLError/OSError/RuntimeError when it cannot fetch
+        _, why = cellpose_weights_available(weights)
+        problem, _, fix = why.partition("; ")
+        raise WeightsNotFoundError(f"{problem} and could not be downloaded ({type(exc).__name__})", fix) from exc
+    kwargs = dict(channel_axis=0, diameter=diameter, do_3D=do_3d)
+    if do_3d:
+        kwargs["z_axis"] = 1
+    if major >= 4:
+        out = model.eval(stack, **kwargs)
+    else:
+        out = model.eval(stack, channels=[1, 2], **kwargs)
+    masks = np.asarray(out[0])
+    return masks.astype(np.int32)
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def segment(
+    image: MicroscopyImage,
+    method: Method = "auto",
+    nucleus_channel: str | int | None = None,
+    cell_channel: str | int | None = None,
+    diameter: float | None = None,
+    weights: str | Path | None = None,
+    device: str = "auto",
+) -> Segmentation:
+    """Segment the cells of one image (2D or 3D); picks channels by name when not given.
+
+    ``auto`` uses Cellpose when it is installed and its weights are on this machine, otherwise
+    the built-in method (the reason goes into ``notes``).
+    """
+    data = image.to_numpy()
+    check_finite(data, image.name, image.channel_names)
+    if data.size == 0 or all(np.ptp(data[c]) == 0 for c in range(data.shape[0])):
+        raise NoCellsFoundError(f"{image.name}: the image is empty (every pixel has the same value)", "check that the right file was opened")
+    names = image.channel_names
+    nuc = _channel_index(image, nucleus_channel)
+    if nuc is None:
+        nuc = pick_channel(names, NUCLEUS_PATTERNS)
+    notes: list[str] = []
+    if nuc is None:
+        nuc = 0
+        notes.append(f"no channel name looks like a nucleus stain; using '{names[0]}' (set nucleus_channel)")
+    cel = _channel_index(image, cell_channel)
+    if cel is None and cell_channel is None:
+        cel = pick_channel(names, CELL_PATTERNS, exclude={nuc})
+    norm = normalize(data, "percentile", name=image.name, channel_names=names)
+    if cel is not None and np.ptp(norm[cel]) == 0:
+        notes.append(f"cell channel '{names[cel]}' is empty; using the mean of the other channels")
+        cel = None
+    others = [i for i in range(len(names)) if i != nuc and not BRIGHTFIELD.search(names[i]) and np.ptp(norm[i]) > 0]
+    cell_img = norm[cel] if cel is not None else (norm[others].mean(axis=0) if others else None)
+    cell_name = names[cel] if cel is not None else ("mean of " + ", ".join(names[i] for i in others) if others else None)
+
+    use_cellpose = method == "cellpose"
+    if method == "auto":
+        ok, why = cellpose_weights_available(weights)
+        use_cellpose = ok
+        if not ok:
+            notes.append(f"built-in segmentation: {why}")
+    elif method not in ("builtin", "cellpose"):
+        raise MaeprobeInputError(f"unknown segmentation method {method!r}", "use 'auto', 'cellpose' or 'builtin'")
+    try:
+        if use_cellpose:
+            labels = segment_cellpose(norm[nuc], cell_img, weights, diameter, device)
+            used = f"cellpose{cellpose_version()}"
+        else:
+            spacing = image.scale if image.scale and len(image.scale) == norm[nuc].ndim else None
+            labels = segment_builtin(norm[nuc], cell_img, nucleus_diameter=diameter, spacing=spacing)
+            used = "builtin"
+    except NoCellsFoundError as exc:
+        raise NoCellsFoundError(f"{image.name}: {exc.problem} (nucleus channel '{names[nuc]}')", exc.fix) from exc
+    if labels.max() == 0:
+        raise NoCellsFoundError(f"{image.name}: no cells found (nucleus channel '{names[nuc]}')", "check the channels or the diameter")
+    return Segmentation(labels=labels, method=used, nucleus_channel=names[nuc], cell_channel=cell_name, notes=notes)
