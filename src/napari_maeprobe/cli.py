@@ -12,7 +12,7 @@ from pathlib import Path
 
 from . import __version__
 from .errors import MaeprobeInputError
-from .progress import Cancelled, tqdm_progress
+from .progress import Cancelled, TqdmProgress
 
 EXAMPLES = {
     "segment": "example:\n  maeprobe segment sample_data/cellprofiler_examplehuman_3ch --out out/seg",
@@ -95,7 +95,7 @@ def cmd_segment(args) -> int:
     require_images(images)
     segmented = segment_images(
         images, args.method, args.nucleus_channel, args.cell_channel, args.diameter,
-        args.cellpose_weights, progress=tqdm_progress(),
+        args.cellpose_weights, progress=args.progress,
     )
     summary = write_segmentation_outputs(segmented, args.out)
     for _, row in summary.iterrows():
@@ -112,7 +112,7 @@ def cmd_demo(args) -> int:
     start = time.perf_counter()
     result = run_demo(
         args.out, method=args.method, diameter=args.diameter,
-        weights=args.cellpose_weights, progress=tqdm_progress(),
+        weights=args.cellpose_weights, progress=args.progress,
     )
     print(result.describe())
     print(f"done in {time.perf_counter() - start:.1f} s; outputs in {args.out}")
@@ -127,14 +127,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     handlers = {"segment": cmd_segment, "demo": cmd_demo}
+    args.progress = TqdmProgress()
     try:
         return handlers[args.verb](args)
     except (MaeprobeInputError, Cancelled) as exc:
+        args.progress.close()
         if args.debug:
             raise
         print(f"maeprobe {args.verb}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        args.progress.close()
         print(f"maeprobe {args.verb}: interrupted", file=sys.stderr)
         return 130
 

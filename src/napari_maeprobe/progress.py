@@ -33,24 +33,31 @@ def track(
         report(progress, i, total, description)
 
 
-def tqdm_progress(**tqdm_kwargs) -> ProgressCallback:
-    """A progress callback that draws a tqdm bar (counts and ETA) on stderr, one bar per stage."""
-    from tqdm.auto import tqdm
+class TqdmProgress:
+    """A progress callback that draws a tqdm bar (counts and ETA) on stderr, one bar per stage.
 
-    state: dict[str, object] = {"bar": None, "desc": None}
+    Call :meth:`close` before printing anything else (e.g. an error) so no bar is left open.
+    """
 
-    def callback(done: int, total: int, description: str) -> None:
-        bar = state["bar"]
-        if bar is None or state["desc"] != description:
-            if bar is not None:
-                bar.close()  # type: ignore[attr-defined]
-            bar = tqdm(total=total, desc=description, **tqdm_kwargs)
-            state["bar"], state["desc"] = bar, description
-        bar.n = done  # type: ignore[attr-defined]
-        bar.refresh()  # type: ignore[attr-defined]
+    def __init__(self, **tqdm_kwargs) -> None:
+        self._kwargs = tqdm_kwargs
+        self._bar = None
+        self._desc: str | None = None
+
+    def __call__(self, done: int, total: int, description: str) -> None:
+        from tqdm.auto import tqdm
+
+        if self._bar is None or self._desc != description:
+            self.close()
+            self._bar = tqdm(total=total, desc=description, **self._kwargs)
+            self._desc = description
+        self._bar.n = done
+        self._bar.refresh()
         if done >= total:
-            bar.close()  # type: ignore[attr-defined]
-            state["bar"] = None
-        return None
+            self.close()
 
-    return callback
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+            self._desc = None

@@ -1,0 +1,116 @@
+"""Bad input gets one clear line on stderr, exit status 2, no traceback and no half-written output."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tifffile
+
+from napari_maeprobe import read_image
+from napari_maeprobe.errors import MaeprobeInputError, NoCellsFoundError
+from napari_maeprobe.samples import load_sample
+from napari_maeprobe.segmentation import segment
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "napari_maeprobe.cli", *args],
+                          capture_output=True, text=True, timeout=300)
+
+
+def assert_one_clear_line(proc: subprocess.CompletedProcess, *needles: str) -> None:
+    assert proc.returncode == 2, proc.stderr
+    err = proc.stderr.strip()
+    assert "Traceback" not in err
+    last = err.splitlines()[-1]
+    assert last.startswith("maeprobe ") and "Fix:" in last, err
+    for n in needles:
+        assert n in last, last
+
+
+@pytest.fixture()
+def out(tmp_path):
+    return tmp_path / "out"
+
+
+def test_truncated_tiff(tmp_path, sample_dir, out):
+    src = sample_dir / "alsf_cellpainting_6ch/images/orig/r03c03f03p01-ch5sk1fk1fl1.tiff"
+    bad = tmp_path / "dna.tiff"
+    bad.write_bytes(src.read_bytes()[: src.stat().st_size - 50_000])
+    proc = run_cli("segment", str(bad), "--out", str(out))
+    assert_one_clear_line(proc, "dna.tiff is truncated or damaged", "copy or download the file again")
+    assert not out.exists()
+
+
+def test_one_dimensional_array(tmp_path, out):
+    path = tmp_path / "line.npy"
+    np.save(path, np.arange(100, dtype=np.uint16))
+    proc = run_cli("segment", str(path), "--out", str(out))
+    assert_one_clear_line(proc, "shape (100,)", "at least two dimensions")
+
+
+def test_nans(tmp_path, sample_dir, out):
+    arr = read_image(sample_dir / "imc_bodenmiller_5ch/img/20210305_NE_mockData2_001.tiff").to_numpy()
+    arr[4, 5:8, 5:8] = np.nan
+    path = tmp_path / "region.npy"
+    np.save(path, arr)
+    proc = run_cli("segment", str(path), "--out", str(out),
+                   "--channel-names", "Ag107,Cytokeratin 5,Laminin,YBX1,H3K27Ac")
+    assert_one_clear_line(proc, "9 pixel(s) are NaN", "H3K27Ac", "nan_to_num")
+    assert not out.exists()
+
+
+def test_empty_image(tmp_path, out):
+    path = tmp_path / "blank.tif"
+    tifffile.imwrite(path, np.zeros((3, 64, 64), np.uint16), metadata={"axes": "CYX"})
+    proc = run_cli("segment", str(path), "--out", str(out))
+    assert_one_clear_line(proc, "blank: the image is empty")
+
+
+def test_no_cells_in_a_background_crop(sample_dir):
+    # a real corner of the Cell Painting field with no cell in it
+    im, _ = load_sample("cellpainting")
+    corner = im.with_data(im.data[:, 850:1000, 200:450], name="corner")
+    with pytest.raises(NoCellsFoundError, match="corner: no nuclei stand out from the background"):
+        segment(corner, "builtin")
+
+
+def test_missing_channel(sample_dir, out):
+    proc = run_cli("segment", str(sample_dir / "cellprofiler_examplehuman_3ch"), "--out", str(out),
+                   "--channels", "DNA,Tubulin")
+    assert_one_clear_line(proc, "'Tubulin' not found", "DNA, PH3, cellbody")
+
+
+def test_folder_with_mismatched_sizes(tmp_path, sample_dir, out):
+    src = sample_dir / "cellprofiler_examplehuman_3ch"
+    for f in sorted(src.glob("*.tif")):
+        (tmp_path / f.name).write_bytes(f.read_bytes())
+    odd = tmp_path / "AS_09125_050116030001_D03f00d2.tif"
+    tifffile.imwrite(odd, tifffile.imread(odd)[:300, :400])
+    proc = run_cli("segment", str(tmp_path), "--out", str(out))
+    assert_one_clear_line(proc, "different sizes", "D03f00d2.tif 300x400", "same size")
+
+
+def test_debug_shows_the_traceback(tmp_path, out):
+    path = tmp_path / "line.npy"
+    np.save(path, np.arange(10))
+    proc = run_cli("--debug", "segment", str(path), "--out", str(out))
+    assert proc.returncode != 0 and "Traceback" in proc.stderr
+
+
+def test_unknown_axes_letters(sample_dir):
+    with pytest.raises(MaeprobeInputError, match="axes 'QYX' are not understood"):
+        read_image(sample_dir / "cells3d_nuclei_3d_labels/nuclei.tif", axes="QYX")
+
+
+def test_segment_cli_writes_labels(sample_dir, out):
+    proc = run_cli("segment", str(sample_dir / "cellprofiler_examplehuman_3ch"), "--out", str(out),
+                   "--method", "builtin")
+    assert proc.returncode == 0, proc.stderr
+    labels = tifffile.imread(out / "AS_09125_050116030001_D03f00_labels.tif")
+    assert labels.shape == (512, 512) and 250 <= labels.max() <= 400
+    boundary = tifffile.imread(out / "AS_09125_050116030001_D03f00_boundary.tif")
+    assert set(np.unique(boundary)) == {0, 1}
+    assert "cells (builtin, nucleus channel DNA)" in proc.stdout
