@@ -1,4 +1,4 @@
-"""Bad input gets one clear line on stderr, exit status 2, no traceback and no half-written output."""
+"""Bad input: one clear line on stderr, exit status 2, no traceback, no half-written output."""
 
 from __future__ import annotations
 
@@ -16,8 +16,12 @@ from napari_maeprobe.segmentation import segment
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "napari_maeprobe.cli", *args],
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "napari_maeprobe.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def assert_one_clear_line(proc: subprocess.CompletedProcess, *needles: str) -> None:
@@ -40,7 +44,9 @@ def test_truncated_tiff(tmp_path, sample_dir, out):
     bad = tmp_path / "dna.tiff"
     bad.write_bytes(src.read_bytes()[: src.stat().st_size - 50_000])
     proc = run_cli("segment", str(bad), "--out", str(out))
-    assert_one_clear_line(proc, "dna.tiff is truncated or damaged", "copy or download the file again")
+    assert_one_clear_line(
+        proc, "dna.tiff is truncated or damaged", "copy or download the file again"
+    )
     assert not out.exists()
 
 
@@ -52,12 +58,20 @@ def test_one_dimensional_array(tmp_path, out):
 
 
 def test_nans(tmp_path, sample_dir, out):
-    arr = read_image(sample_dir / "imc_bodenmiller_5ch/img/20210305_NE_mockData2_001.tiff").to_numpy()
+    arr = read_image(
+        sample_dir / "imc_bodenmiller_5ch/img/20210305_NE_mockData2_001.tiff"
+    ).to_numpy()
     arr[4, 5:8, 5:8] = np.nan
     path = tmp_path / "region.npy"
     np.save(path, arr)
-    proc = run_cli("segment", str(path), "--out", str(out),
-                   "--channel-names", "Ag107,Cytokeratin 5,Laminin,YBX1,H3K27Ac")
+    proc = run_cli(
+        "segment",
+        str(path),
+        "--out",
+        str(out),
+        "--channel-names",
+        "Ag107,Cytokeratin 5,Laminin,YBX1,H3K27Ac",
+    )
     assert_one_clear_line(proc, "9 pixel(s) are NaN", "H3K27Ac", "nan_to_num")
     assert not out.exists()
 
@@ -78,8 +92,14 @@ def test_no_cells_in_a_background_crop(sample_dir):
 
 
 def test_missing_channel(sample_dir, out):
-    proc = run_cli("segment", str(sample_dir / "cellprofiler_examplehuman_3ch"), "--out", str(out),
-                   "--channels", "DNA,Tubulin")
+    proc = run_cli(
+        "segment",
+        str(sample_dir / "cellprofiler_examplehuman_3ch"),
+        "--out",
+        str(out),
+        "--channels",
+        "DNA,Tubulin",
+    )
     assert_one_clear_line(proc, "'Tubulin' not found", "DNA, PH3, cellbody")
 
 
@@ -106,8 +126,14 @@ def test_unknown_axes_letters(sample_dir):
 
 
 def test_segment_cli_writes_labels(sample_dir, out):
-    proc = run_cli("segment", str(sample_dir / "cellprofiler_examplehuman_3ch"), "--out", str(out),
-                   "--method", "builtin")
+    proc = run_cli(
+        "segment",
+        str(sample_dir / "cellprofiler_examplehuman_3ch"),
+        "--out",
+        str(out),
+        "--method",
+        "builtin",
+    )
     assert proc.returncode == 0, proc.stderr
     labels = tifffile.imread(out / "AS_09125_050116030001_D03f00_labels.tif")
     assert labels.shape == (512, 512) and 250 <= labels.max() <= 400

@@ -14,7 +14,9 @@ import pytest
 pytestmark = pytest.mark.gui
 
 if not os.environ.get("DISPLAY") and sys.platform.startswith("linux"):
-    pytest.skip("needs a display: run the tests with scripts/test.sh (Xvfb)", allow_module_level=True)
+    pytest.skip(
+        "needs a display: run the tests with scripts/test.sh (Xvfb)", allow_module_level=True
+    )
 
 
 def test_npe2_validate():
@@ -37,7 +39,9 @@ def test_open_cellpainting_folder_gives_one_layer_per_channel(make_napari_viewer
     import tifffile
 
     dna = tifffile.imread(folder / "r03c03f03p01-ch5sk1fk1fl1.tiff")
-    np.testing.assert_array_equal(np.asarray(layers[4].data[500:520, 600:640]), dna[500:520, 600:640])
+    np.testing.assert_array_equal(
+        np.asarray(layers[4].data[500:520, 600:640]), dna[500:520, 600:640]
+    )
 
 
 def test_reader_is_offered_for_folders_and_files(sample_dir):
@@ -45,7 +49,9 @@ def test_reader_is_offered_for_folders_and_files(sample_dir):
     from napari.plugins._npe2 import get_readers
 
     assert "napari-maeprobe" in get_readers(str(sample_dir / "cellprofiler_examplehuman_3ch"))
-    assert "napari-maeprobe" in get_readers(str(sample_dir / "imc_bodenmiller_5ch/img/20210305_NE_mockData2_001.tiff"))
+    assert "napari-maeprobe" in get_readers(
+        str(sample_dir / "imc_bodenmiller_5ch/img/20210305_NE_mockData2_001.tiff")
+    )
     assert "napari-maeprobe" not in get_readers(str(sample_dir / "README.md"))
 
 
@@ -60,7 +66,11 @@ def test_open_sample_menu_entry(make_napari_viewer):
     entries["Cell Painting, 6 channels (DAOY cells)"].trigger()
     assert [ly.name for ly in viewer.layers] == ["Brightfield", "ER", "AGP", "Mito", "DNA", "RNA"]
     entries["3D nuclei z-stack + 3D labels"].trigger()
-    assert viewer.layers[-1].name == "nuclei labels" and viewer.layers[-1].data.shape == (60, 256, 256)
+    assert viewer.layers[-1].name == "nuclei labels" and viewer.layers[-1].data.shape == (
+        60,
+        256,
+        256,
+    )
     assert viewer.layers[-2].data.shape == (60, 256, 256)
     assert tuple(viewer.layers[-2].scale) == pytest.approx((0.29, 0.26, 0.26))
 
@@ -69,8 +79,14 @@ def test_open_sample_api(make_napari_viewer):
     viewer = make_napari_viewer()
     viewer.open_sample("napari-maeprobe", "imc")
     names = [ly.name for ly in viewer.layers]
-    assert names == ["Ag107", "Cytokeratin 5", "Laminin", "YBX1", "H3K27Ac",
-                     "20210305_NE_mockData2_001 labels"]
+    assert names == [
+        "Ag107",
+        "Cytokeratin 5",
+        "Laminin",
+        "YBX1",
+        "H3K27Ac",
+        "20210305_NE_mockData2_001 labels",
+    ]
 
 
 def test_bad_file_gives_a_clear_error(make_napari_viewer, tmp_path, sample_dir):

@@ -49,7 +49,9 @@ def test_percentile_and_zscore(cellpainting):
 
 
 def test_nan_is_refused_or_zeroed(sample_dir):
-    arr = read_image(sample_dir / "imc_bodenmiller_5ch/img/20210305_NE_mockData2_001.tiff").to_numpy()
+    arr = read_image(
+        sample_dir / "imc_bodenmiller_5ch/img/20210305_NE_mockData2_001.tiff"
+    ).to_numpy()
     arr[3, 10, 10] = np.nan
     with pytest.raises(MaeprobeInputError, match="1 pixel.*NaN.*channel.*YBX1"):
         normalize(arr, channel_names=["Ag107", "Cytokeratin 5", "Laminin", "YBX1", "H3K27Ac"])
@@ -84,9 +86,9 @@ def test_cell_crops_are_centred_and_zero_padded(sample_dir):
     i = edge[0]
     oy, ox = crops.origins[i]
     if oy < 0:
-        assert not crops.crops[i, :, : -oy].any()
+        assert not crops.crops[i, :, :-oy].any()
     else:
-        assert not crops.crops[i, :, :, : -ox].any()
+        assert not crops.crops[i, :, :, :-ox].any()
 
 
 def test_tiles_cover_the_image(cellpainting):
@@ -145,7 +147,9 @@ def test_boundary_fractions(sample_dir):
 
     far = ndimage.distance_transform_edt(labels == 0) > 2
     assert not b[far].any()
-    inner = ndimage.binary_erosion(labels > 0, np.ones((3, 3)), border_value=1)  # the image edge is no border
+    inner = ndimage.binary_erosion(
+        labels > 0, np.ones((3, 3)), border_value=1
+    )  # the image edge is no border
     border = (labels > 0) & ~inner
     assert b[border].all()
     # patch fractions average to the direct pixel count
@@ -166,4 +170,6 @@ def test_boundary_3d_touching_cells(sample_dir):
     assert not b[labels == 0][:1000].all()
     crops = cell_crops(np.zeros((1, *labels.shape), np.float32), labels, (20, 40, 40))
     frac = patch_fractions(crops.boundary, (10, 8, 8))
-    np.testing.assert_allclose(frac.mean(axis=(1, 2, 3)), crops.boundary.mean(axis=(1, 2, 3)), rtol=1e-6)
+    np.testing.assert_allclose(
+        frac.mean(axis=(1, 2, 3)), crops.boundary.mean(axis=(1, 2, 3)), rtol=1e-6
+    )

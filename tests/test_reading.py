@@ -22,7 +22,9 @@ def test_cellpainting_folder_groups_six_channels(sample_dir):
     assert [p.name for p in im.source] == [f"r03c03f03p01-ch{c}sk1fk1fl1.tiff" for c in range(1, 7)]
     # lazy until asked, and the pixels are the files' pixels
     assert im.data.chunks[0] == (1,) * 6
-    dna = tifffile.imread(sample_dir / "alsf_cellpainting_6ch/images/orig/r03c03f03p01-ch5sk1fk1fl1.tiff")
+    dna = tifffile.imread(
+        sample_dir / "alsf_cellpainting_6ch/images/orig/r03c03f03p01-ch5sk1fk1fl1.tiff"
+    )
     np.testing.assert_array_equal(im.data[4].compute(), dna)
 
 
@@ -76,12 +78,16 @@ def test_axes_override(sample_dir):
 
 
 def test_channel_names_by_hand(sample_dir):
-    im = read_image(sample_dir / "neubias_small_multichannel/xyc_16bit__cell_dna_mts_actin.tif",
-                    channel_names=["DNA", "microtubules", "actin"])
+    im = read_image(
+        sample_dir / "neubias_small_multichannel/xyc_16bit__cell_dna_mts_actin.tif",
+        channel_names=["DNA", "microtubules", "actin"],
+    )
     assert im.channel_names == ["DNA", "microtubules", "actin"]
     with pytest.raises(MaeprobeInputError, match="2 channel names given for 3 channels"):
-        read_image(sample_dir / "neubias_small_multichannel/xyc_16bit__cell_dna_mts_actin.tif",
-                   channel_names=["a", "b"])
+        read_image(
+            sample_dir / "neubias_small_multichannel/xyc_16bit__cell_dna_mts_actin.tif",
+            channel_names=["a", "b"],
+        )
 
 
 def test_hpa_per_channel_folder_and_yxc_crops(shared_dir):
@@ -90,7 +96,11 @@ def test_hpa_per_channel_folder_and_yxc_crops(shared_dir):
     assert set(fovs) == {"57_F11_1", "800_A6_1", "89_B5_1"}
     assert fovs["800_A6_1"].data.shape == (4, 2048, 2048)
     assert fovs["57_F11_1"].channel_names == [
-        "nucleus", "microtubules", "protein of interest", "endoplasmic reticulum"]
+        "nucleus",
+        "microtubules",
+        "protein of interest",
+        "endoplasmic reticulum",
+    ]
     # JPEG 'blue' file: the signal is in its B plane
     blue = fovs["89_B5_1"].data[0].compute()
     assert blue.max() > 0 and blue.ndim == 2
@@ -104,11 +114,17 @@ def test_hpa_per_channel_folder_and_yxc_crops(shared_dir):
 
 
 def test_group_channel_files_patterns(tmp_path):
-    names = ["plate1_A01_DAPI_001.tif", "plate1_A01_GFP_001.tif", "plate1_A01_DAPI_002.tif",
-             "plate1_A01_GFP_002.tif"]
+    names = [
+        "plate1_A01_DAPI_001.tif",
+        "plate1_A01_GFP_001.tif",
+        "plate1_A01_DAPI_002.tif",
+        "plate1_A01_GFP_002.tif",
+    ]
     groups = group_channel_files([tmp_path / n for n in names])
     assert sorted((g[0], tuple(g[2])) for g in groups) == [
-        ("plate1_A01_001", ("DAPI", "GFP")), ("plate1_A01_002", ("DAPI", "GFP"))]
+        ("plate1_A01_001", ("DAPI", "GFP")),
+        ("plate1_A01_002", ("DAPI", "GFP")),
+    ]
     explicit = group_channel_files([tmp_path / n for n in names], r"_(?P<channel>[A-Z]+)_")
     assert len(explicit) == 2
 
@@ -116,9 +132,17 @@ def test_group_channel_files_patterns(tmp_path):
 def test_ome_tiff_names_and_pixel_size(tmp_path, sample_dir):
     src = read_image(sample_dir / "imc_bodenmiller_5ch/img/20210305_NE_mockData3_001.tiff")
     path = tmp_path / "region.ome.tif"
-    tifffile.imwrite(path, src.to_numpy(), ome=True, metadata={
-        "axes": "CYX", "Channel": {"Name": ["Ag", "CK5", "LAM", "YBX", "H3"]},
-        "PhysicalSizeX": 1.0, "PhysicalSizeY": 1.0})
+    tifffile.imwrite(
+        path,
+        src.to_numpy(),
+        ome=True,
+        metadata={
+            "axes": "CYX",
+            "Channel": {"Name": ["Ag", "CK5", "LAM", "YBX", "H3"]},
+            "PhysicalSizeX": 1.0,
+            "PhysicalSizeY": 1.0,
+        },
+    )
     im = read_image(path)
     assert im.channel_names == ["Ag", "CK5", "LAM", "YBX", "H3"]
     assert im.scale == (1.0, 1.0) and im.name == "region"
@@ -134,8 +158,12 @@ def test_ome_zarr(tmp_path, sample_dir):
     path = tmp_path / "spots.ome.zarr"
     store = parse_url(path, mode="w").store
     root = zarr.group(store=store)
-    write_image(spots.to_numpy(), root, axes="czyx",
-                metadata={"omero": {"channels": [{"label": "spots_a"}, {"label": "spots_b"}]}})
+    write_image(
+        spots.to_numpy(),
+        root,
+        axes="czyx",
+        metadata={"omero": {"channels": [{"label": "spots_a"}, {"label": "spots_b"}]}},
+    )
     im = read_image(path)
     assert im.data.shape == (2, 17, 88, 89) and im.axes == "CZYX"
     np.testing.assert_array_equal(im.to_numpy(), spots.to_numpy())

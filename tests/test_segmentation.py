@@ -25,7 +25,8 @@ def test_examplehuman_plausible_count():
 def _cellprofiler_cells(sample_dir):
     """CellProfiler's own whole-cell outlines for the Cell Painting field, filled into labels."""
     outlines = tifffile.imread(
-        sample_dir / "alsf_cellpainting_6ch/images/outlines/CellsOutlines_BR00143976_C03_3.tiff")
+        sample_dir / "alsf_cellpainting_6ch/images/outlines/CellsOutlines_BR00143976_C03_3.tiff"
+    )
     line = outlines.max(axis=-1) > 0
     labels, _ = ndimage.label(ndimage.binary_fill_holes(line) & ~line)
     sizes = np.bincount(labels.ravel())
@@ -38,7 +39,9 @@ def test_cellpainting_agrees_with_cellprofiler(sample_dir):
     im, _ = load_sample("cellpainting")
     seg = segment(im, "builtin")
     assert seg.nucleus_channel == "DNA" and seg.cell_channel == "AGP"
-    ref = _cellprofiler_cells(sample_dir)  # 31 closed cell outlines (cells cut by the edge are open)
+    ref = _cellprofiler_cells(
+        sample_dir
+    )  # 31 closed cell outlines (cells cut by the edge are open)
     assert 30 <= seg.n_cells <= 50  # measured 39
     assert matched_fraction(seg.labels, ref) >= 0.45  # measured 0.52
 
@@ -101,8 +104,9 @@ def test_cellpose3_runs_from_a_local_weights_file(tmp_path):
     pytest.importorskip("cellpose")
     from cellpose import resnet_torch
 
-    net = resnet_torch.CPnet([2, 32, 64, 128, 256], 3, sz=3, mkldnn=False, max_pool=True,
-                             diam_mean=30.0)
+    net = resnet_torch.CPnet(
+        [2, 32, 64, 128, 256], 3, sz=3, mkldnn=False, max_pool=True, diam_mean=30.0
+    )
     weights = tmp_path / "random_cyto3"
     net.save_model(str(weights))
     im, _ = load_sample("examplehuman")

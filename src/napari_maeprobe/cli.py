@@ -15,7 +15,9 @@ from .errors import MaeprobeInputError
 from .progress import Cancelled, TqdmProgress
 
 EXAMPLES = {
-    "segment": "example:\n  maeprobe segment sample_data/cellprofiler_examplehuman_3ch --out out/seg",
+    "segment": (
+        "example:\n  maeprobe segment sample_data/cellprofiler_examplehuman_3ch --out out/seg"
+    ),
     "demo": "example:\n  maeprobe demo --out out/demo",
 }
 
@@ -29,18 +31,28 @@ def _add_input_options(p: argparse.ArgumentParser) -> None:
         help="regex with a group 'channel' that finds the channel in per-channel file names",
     )
     p.add_argument(
-        "--z", default="keep", choices=["keep", "max", "slice"],
+        "--z",
+        default="keep",
+        choices=["keep", "max", "slice"],
         help="z-stacks: keep 3D, maximum-intensity projection, or one slice (--z-index)",
     )
     p.add_argument("--z-index", type=int, help="the slice for --z slice (default: the middle)")
 
 
 def _add_segment_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--method", default="auto", choices=["auto", "cellpose", "builtin"],
-                   help="auto: Cellpose when its weights are on this machine, else built-in")
+    p.add_argument(
+        "--method",
+        default="auto",
+        choices=["auto", "cellpose", "builtin"],
+        help="auto: Cellpose when its weights are on this machine, else built-in",
+    )
     p.add_argument("--nucleus-channel", help="channel name of the nucleus stain (default: guessed)")
-    p.add_argument("--cell-channel", help="channel name of a cell body/membrane stain (default: guessed)")
-    p.add_argument("--diameter", type=float, help="nucleus (built-in) or cell (Cellpose) diameter, px")
+    p.add_argument(
+        "--cell-channel", help="channel name of a cell body/membrane stain (default: guessed)"
+    )
+    p.add_argument(
+        "--diameter", type=float, help="nucleus (built-in) or cell (Cellpose) diameter, px"
+    )
     p.add_argument("--cellpose-weights", help="local Cellpose weights file (offline use)")
 
 
@@ -54,8 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="verb", required=True)
 
     seg = sub.add_parser(
-        "segment", help="segment cells and write label images and boundary maps",
-        epilog=EXAMPLES["segment"], formatter_class=argparse.RawDescriptionHelpFormatter,
+        "segment",
+        help="segment cells and write label images and boundary maps",
+        epilog=EXAMPLES["segment"],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     seg.add_argument("inputs", nargs="+", metavar="IMAGE", help="image files, OME-Zarr or folders")
     seg.add_argument("--out", required=True, type=Path, help="output folder")
@@ -63,8 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_segment_options(seg)
 
     demo = sub.add_parser(
-        "demo", help="the main job on the bundled sample data",
-        epilog=EXAMPLES["demo"], formatter_class=argparse.RawDescriptionHelpFormatter,
+        "demo",
+        help="the main job on the bundled sample data",
+        epilog=EXAMPLES["demo"],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     demo.add_argument("--out", type=Path, default=Path("out/demo"), help="output folder")
     demo.add_argument("--gui", action="store_true", help="open the results in napari afterwards")
@@ -80,8 +96,9 @@ def _load_inputs(args) -> list:
     names = args.channel_names.split(",") if args.channel_names else None
     images = []
     for inp in args.inputs:
-        for im in read_images(inp, axes=args.axes, channel_names=names,
-                              channel_pattern=args.channel_pattern):
+        for im in read_images(
+            inp, axes=args.axes, channel_names=names, channel_pattern=args.channel_pattern
+        ):
             if args.channels:
                 im = select_channels(im, [c.strip() for c in args.channels.split(",")])
             images.append(project_z(im, args.z, args.z_index))
@@ -94,13 +111,20 @@ def cmd_segment(args) -> int:
     images = _load_inputs(args)
     require_images(images)
     segmented = segment_images(
-        images, args.method, args.nucleus_channel, args.cell_channel, args.diameter,
-        args.cellpose_weights, progress=args.progress,
+        images,
+        args.method,
+        args.nucleus_channel,
+        args.cell_channel,
+        args.diameter,
+        args.cellpose_weights,
+        progress=args.progress,
     )
     summary = write_segmentation_outputs(segmented, args.out)
     for _, row in summary.iterrows():
-        print(f"{row['image']}: {row['n_cells']} cells ({row['method']}, nucleus channel "
-              f"{row['nucleus_channel']}) -> {args.out / (row['image'] + '_labels.tif')}")
+        print(
+            f"{row['image']}: {row['n_cells']} cells ({row['method']}, nucleus channel "
+            f"{row['nucleus_channel']}) -> {args.out / (row['image'] + '_labels.tif')}"
+        )
         if row["notes"]:
             print(f"  note: {row['notes']}")
     return 0
@@ -111,8 +135,11 @@ def cmd_demo(args) -> int:
 
     start = time.perf_counter()
     result = run_demo(
-        args.out, method=args.method, diameter=args.diameter,
-        weights=args.cellpose_weights, progress=args.progress,
+        args.out,
+        method=args.method,
+        diameter=args.diameter,
+        weights=args.cellpose_weights,
+        progress=args.progress,
     )
     print(result.describe())
     print(f"done in {time.perf_counter() - start:.1f} s; outputs in {args.out}")

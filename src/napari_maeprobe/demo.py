@@ -15,12 +15,12 @@ from .progress import ProgressCallback
 from .samples import load_sample
 from .workflows import (
     SegmentedImage,
+    _atomic_write,
     overlay_png,
     prepare_patches,
     segment_images,
     write_json,
     write_segmentation_outputs,
-    _atomic_write,
 )
 
 DEMO_SAMPLES = ("cellpainting", "examplehuman", "imc", "nuclei3d")
@@ -39,7 +39,8 @@ class DemoResult:
         lines = []
         for _, r in self.summary.iterrows():
             lines.append(
-                f"{r['dataset']}/{r['image']} ({r['shape']}, {r['channels']}): {r['n_cells']} cells "
+                f"{r['dataset']}/{r['image']} ({r['shape']}, {r['channels']}): "
+                f"{r['n_cells']} cells "
                 f"by {r['method']}"
             )
         n_fg = int(self.patches["foreground"].sum())
@@ -63,15 +64,22 @@ def run_demo(
     segmented = segment_images(images, method, None, None, diameter, weights, progress=progress)
     summary = write_segmentation_outputs(segmented, out_dir / "segmentation")
     for s in segmented:
-        overlay_png(out_dir / f"overlay_{s.image.name}.png", s.image, s.boundary,
-                    s.segmentation.nucleus_channel)
+        overlay_png(
+            out_dir / f"overlay_{s.image.name}.png",
+            s.image,
+            s.boundary,
+            s.segmentation.nucleus_channel,
+        )
     patches = prepare_patches(segmented, progress=progress)
     _atomic_write(out_dir / "patches.parquet", lambda p: patches.to_parquet(p, index=False))
     _atomic_write(out_dir / "patches.csv", lambda p: patches.to_csv(p, index=False))
     write_json(
         out_dir / "demo.json",
-        {"samples": list(DEMO_SAMPLES), "segmentation": summary.to_dict(orient="records"),
-         "patch_rows": len(patches)},
+        {
+            "samples": list(DEMO_SAMPLES),
+            "segmentation": summary.to_dict(orient="records"),
+            "patch_rows": len(patches),
+        },
     )
     return DemoResult(out_dir, segmented, summary, patches)
 
@@ -87,5 +95,7 @@ def show_demo(result: DemoResult) -> None:
         for data, meta, _ in image_layers(s.image):
             viewer.add_image(data, **meta)
         viewer.add_labels(s.segmentation.labels, name=f"{s.image.name} cells", opacity=0.3)
-        viewer.add_labels(s.boundary.astype("uint8"), name=f"{s.image.name} boundaries", opacity=0.8)
+        viewer.add_labels(
+            s.boundary.astype("uint8"), name=f"{s.image.name} boundaries", opacity=0.8
+        )
     napari.run()

@@ -141,7 +141,8 @@ def guess_axes(shape: tuple[int, ...], hint: str | None = None, sample=None) -> 
         return prefix + ("CZYX" if a < b else "ZCYX")
     raise MaeprobeInputError(
         f"cannot tell the axes of an array of shape {tuple(shape)}",
-        f"pass the axes explicitly (axes='TZCYX' or --axes), laid out as one of {SUPPORTED_LAYOUTS}",
+        "pass the axes explicitly (axes='TZCYX' or --axes), laid out as one of "
+        + SUPPORTED_LAYOUTS,
     )
 
 

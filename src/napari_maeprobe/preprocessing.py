@@ -76,7 +76,9 @@ def normalize(
     return out
 
 
-def project_z(image: MicroscopyImage, mode: ZMode = "max", z_index: int | None = None) -> MicroscopyImage:
+def project_z(
+    image: MicroscopyImage, mode: ZMode = "max", z_index: int | None = None
+) -> MicroscopyImage:
     """Make a 2D image from a z-stack (maximum-intensity projection or one slice), or keep 3D."""
     if not image.is_3d or mode == "keep":
         return image
@@ -306,8 +308,20 @@ def patch_table(
     table["channel"] = table["channel"].astype("string")
     table["patch_z"] = table["patch_z"].astype("Int64")
     order = [
-        "dataset", "image", "cell_id", "crop_index", "channel", "patch_row", "patch_col",
-        "patch_z", "centroid_y", "centroid_x", "centroid_z", "patch_intensity", "foreground",
-        "central", "boundary_fraction",
+        "dataset",
+        "image",
+        "cell_id",
+        "crop_index",
+        "channel",
+        "patch_row",
+        "patch_col",
+        "patch_z",
+        "centroid_y",
+        "centroid_x",
+        "centroid_z",
+        "patch_intensity",
+        "foreground",
+        "central",
+        "boundary_fraction",
     ]
     return table[order]

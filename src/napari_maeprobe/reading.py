@@ -241,7 +241,9 @@ def _check_tiff_complete(tif, path: Path, messages: list[str]) -> None:
             needed = max(needed, int(off) + int(cnt))
     broken = [m for m in messages if re.search(r"out of range|corrupt|truncat|invalid", m, re.I)]
     if needed > size or broken:
-        detail = f"it has {size} bytes but its pixel data need {needed}" if needed > size else broken[0]
+        detail = (
+            f"it has {size} bytes but its pixel data need {needed}" if needed > size else broken[0]
+        )
         raise MaeprobeInputError(
             f"{path.name} is truncated or damaged ({detail})",
             "copy or download the file again; nothing was read from it",
@@ -275,7 +277,11 @@ def _tiff_channel_names_and_scale(tif, series, idx: int) -> tuple[list[str] | No
             res = page.tags.get("XResolution")
             if res is not None and res.value[0]:
                 px = res.value[1] / res.value[0]
-                scale = (float(meta["spacing"]), px, px) if "Z" in series.axes and "spacing" in meta else (px, px)
+                scale = (
+                    (float(meta["spacing"]), px, px)
+                    if "Z" in series.axes and "spacing" in meta
+                    else (px, px)
+                )
         labels = meta.get("Labels")
         if isinstance(labels, list) and labels and "C" in series.axes:
             n_c = series.shape[series.axes.index("C")]
@@ -364,9 +370,7 @@ def _read_ome_zarr(path: Path, axes: str | None) -> list[MicroscopyImage]:
     axes_meta = ms.get("axes")
     hint = None
     if axes_meta:
-        hint = "".join(
-            (a["name"] if isinstance(a, dict) else str(a))[0].upper() for a in axes_meta
-        )
+        hint = "".join((a["name"] if isinstance(a, dict) else str(a))[0].upper() for a in axes_meta)
     scale = None
     for t in first.get("coordinateTransformations", []):
         if t.get("type") == "scale" and hint:
@@ -378,11 +382,7 @@ def _read_ome_zarr(path: Path, axes: str | None) -> list[MicroscopyImage]:
         names = [str(c.get("label", "")) for c in omero["channels"]]
         names = names if all(names) else None
     name = path.name.removesuffix(".zarr").removesuffix(".ome")
-    return [
-        _finish(
-            data, axes or hint, name, (path,), path.parent, names, scale, axes is not None
-        )
-    ]
+    return [_finish(data, axes or hint, name, (path,), path.parent, names, scale, axes is not None)]
 
 
 # --------------------------------------------------------------------------- folders
@@ -449,7 +449,9 @@ def _plane_file(path: Path, token: str = "") -> _PlaneFile:
         return _PlaneFile(path, shape, np.dtype(props.dtype), None)
     if len(shape) == 3 and shape[-1] in (3, 4):
         plane = _RGB_PLANE.get(token.lower())
-        return _PlaneFile(path, shape[:2], np.dtype(props.dtype), plane if plane is not None else -1)
+        return _PlaneFile(
+            path, shape[:2], np.dtype(props.dtype), plane if plane is not None else -1
+        )
     raise MaeprobeInputError(
         f"{path.name} has shape {shape}, not a single image plane", "save one 2D plane per file"
     )
@@ -499,9 +501,7 @@ def group_channel_files(
             tok = m.group("channel") if "channel" in rx.groupindex else m.group(1)
             key = f.stem[: m.start()] + f.stem[m.end() :]
             groups[key].append((f, tok))
-        return [
-            (_clean_key(k), [f for f, _ in v], [t for _, t in v]) for k, v in groups.items()
-        ]
+        return [(_clean_key(k), [f for f, _ in v], [t for _, t in v]) for k, v in groups.items()]
     tokens = {f: _TOKEN.findall(f.stem) for f in files}
     by_count: dict[int, list[Path]] = defaultdict(list)
     for f in files:
@@ -520,7 +520,11 @@ def group_channel_files(
             members.sort(key=lambda m: _natural_key(m[1]))
             f0, tok0 = members[0]
             result.append(
-                (_clean_key(f0.stem.replace(tok0, "", 1)), [m[0] for m in members], [m[1] for m in members])
+                (
+                    _clean_key(f0.stem.replace(tok0, "", 1)),
+                    [m[0] for m in members],
+                    [m[1] for m in members],
+                )
             )
     return result
 
@@ -552,7 +556,9 @@ def _channel_position(token_lists: list[list[str]]) -> int | None:
     return min(valid)[2] if valid else None
 
 
-def _read_folder(folder: Path, axes: str | None, channel_pattern: str | None) -> list[MicroscopyImage]:
+def _read_folder(
+    folder: Path, axes: str | None, channel_pattern: str | None
+) -> list[MicroscopyImage]:
     files = [f for f in folder.iterdir() if f.is_file() and f.name.lower().endswith(IMAGE_EXTS)]
     if not files:
         sub = sorted(
@@ -560,8 +566,14 @@ def _read_folder(folder: Path, axes: str | None, channel_pattern: str | None) ->
             for d in folder.rglob("*")
             if d.is_dir() and any(f.name.lower().endswith(IMAGE_EXTS) for f in d.iterdir())
         )
-        hint = f"open one of its subfolders: {', '.join(sub[:6])}" if sub else "pick a folder with images"
-        raise MaeprobeInputError(f"{folder} contains no image files ({', '.join(IMAGE_EXTS)})", hint)
+        hint = (
+            f"open one of its subfolders: {', '.join(sub[:6])}"
+            if sub
+            else "pick a folder with images"
+        )
+        raise MaeprobeInputError(
+            f"{folder} contains no image files ({', '.join(IMAGE_EXTS)})", hint
+        )
     infos = {f: _probe(f) for f in files}
     # multichannel files and label/mask images are opened on their own, never grouped
     singles = [f for f in files if infos[f].single_plane and not _LABEL_NAME.search(f.stem)]
@@ -589,7 +601,10 @@ def _read_folder(folder: Path, axes: str | None, channel_pattern: str | None) ->
         planes = [planes[i] for i in order]
         dtype = np.result_type(*[p.dtype for p in planes])
         stack = da.stack(
-            [da.from_delayed(dask.delayed(_load_plane)(p), p.shape, p.dtype).astype(dtype) for p in planes]
+            [
+                da.from_delayed(dask.delayed(_load_plane)(p), p.shape, p.dtype).astype(dtype)
+                for p in planes
+            ]
         )
         images.append(
             MicroscopyImage(

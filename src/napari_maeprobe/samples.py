@@ -42,19 +42,38 @@ class Sample:
 SAMPLES: dict[str, Sample] = {
     s.key: s
     for s in (
-        Sample("cellpainting", "Cell Painting, 6 channels (DAOY cells, 1080x1080)",
-               "alsf_cellpainting_6ch/images/orig", dataset="alsf_cellpainting_6ch"),
-        Sample("examplehuman", "CellProfiler ExampleHuman, 3 channels (HT29 cells)",
-               "cellprofiler_examplehuman_3ch", dataset="cellprofiler_examplehuman_3ch"),
-        Sample("imc", "Imaging mass cytometry, 5 markers, with whole-cell masks",
-               "imc_bodenmiller_5ch/img/20210305_NE_mockData2_001.tiff",
-               "imc_bodenmiller_5ch/masks_deepcell/20210305_NE_mockData2_001.tiff",
-               dataset="imc_bodenmiller_5ch"),
-        Sample("nuclei3d", "3D nuclei z-stack (60x256x256) with 3D labels",
-               "cells3d_nuclei_3d_labels/nuclei.tif", "cells3d_nuclei_3d_labels/nuclei_label.tif",
-               dataset="cells3d_nuclei_3d_labels"),
-        Sample("spots3d", "3D two-colour z-stack (ZCYX 17x2x88x89)",
-               "neubias_small_multichannel/xyzc_16bit__spots.tif", dataset="neubias_small_multichannel"),
+        Sample(
+            "cellpainting",
+            "Cell Painting, 6 channels (DAOY cells, 1080x1080)",
+            "alsf_cellpainting_6ch/images/orig",
+            dataset="alsf_cellpainting_6ch",
+        ),
+        Sample(
+            "examplehuman",
+            "CellProfiler ExampleHuman, 3 channels (HT29 cells)",
+            "cellprofiler_examplehuman_3ch",
+            dataset="cellprofiler_examplehuman_3ch",
+        ),
+        Sample(
+            "imc",
+            "Imaging mass cytometry, 5 markers, with whole-cell masks",
+            "imc_bodenmiller_5ch/img/20210305_NE_mockData2_001.tiff",
+            "imc_bodenmiller_5ch/masks_deepcell/20210305_NE_mockData2_001.tiff",
+            dataset="imc_bodenmiller_5ch",
+        ),
+        Sample(
+            "nuclei3d",
+            "3D nuclei z-stack (60x256x256) with 3D labels",
+            "cells3d_nuclei_3d_labels/nuclei.tif",
+            "cells3d_nuclei_3d_labels/nuclei_label.tif",
+            dataset="cells3d_nuclei_3d_labels",
+        ),
+        Sample(
+            "spots3d",
+            "3D two-colour z-stack (ZCYX 17x2x88x89)",
+            "neubias_small_multichannel/xyzc_16bit__spots.tif",
+            dataset="neubias_small_multichannel",
+        ),
     )
 }
 

@@ -58,7 +58,9 @@ class Segmentation:
         return int(self.labels.max()) if self.labels.size else 0
 
 
-def pick_channel(names: list[str], patterns: tuple[str, ...], exclude: set[int] = frozenset()) -> int | None:
+def pick_channel(
+    names: list[str], patterns: tuple[str, ...], exclude: set[int] = frozenset()
+) -> int | None:
     """Index of the first channel name matching the patterns, in pattern priority order."""
     for pattern in patterns:
         rx = re.compile(pattern, re.IGNORECASE)
@@ -97,7 +99,11 @@ def _estimate_nucleus_diameter(mask: np.ndarray) -> float:
         return 0.0
     # the median object, not touching clumps: use the lower half of areas
     area = float(np.median(areas[areas <= np.median(areas) * 2]))
-    return 2.0 * (area / np.pi) ** (1 / 2) if mask.ndim == 2 else 2.0 * (3 * area / (4 * np.pi)) ** (1 / 3)
+    return (
+        2.0 * (area / np.pi) ** (1 / 2)
+        if mask.ndim == 2
+        else 2.0 * (3 * area / (4 * np.pi)) ** (1 / 3)
+    )
 
 
 THRESHOLDS = ("otsu", "li", "triangle")
@@ -107,7 +113,9 @@ def _threshold(image: np.ndarray, method: str) -> float:
     from skimage import filters
 
     if method not in THRESHOLDS:
-        raise MaeprobeInputError(f"unknown threshold {method!r}", f"use one of {', '.join(THRESHOLDS)}")
+        raise MaeprobeInputError(
+            f"unknown threshold {method!r}", f"use one of {', '.join(THRESHOLDS)}"
+        )
     return float(getattr(filters, f"threshold_{method}")(image))
 
 
@@ -152,7 +160,10 @@ def segment_builtin(
     rel = np.asarray(spacing) / min(spacing)
     smooth = ndimage.gaussian_filter(nucleus.astype(np.float32), sigma=1.0 / rel)
     if np.ptp(smooth) == 0:
-        raise NoCellsFoundError("the nucleus channel is empty (all pixels are equal)", "pick a nucleus channel with signal")
+        raise NoCellsFoundError(
+            "the nucleus channel is empty (all pixels are equal)",
+            "pick a nucleus channel with signal",
+        )
     fg = smooth > _threshold(smooth, threshold)
     contrast = _contrast(smooth, fg)
     if contrast < MIN_CONTRAST:
@@ -161,16 +172,24 @@ def segment_builtin(
             f"background standard deviations above the rest; cells give 4 or more)",
             "check that the image shows cells and that the nucleus channel is the right one",
         )
-    fg = ndimage.binary_fill_holes(fg) if nd == 2 else np.stack([ndimage.binary_fill_holes(s) for s in fg])
+    fg = (
+        ndimage.binary_fill_holes(fg)
+        if nd == 2
+        else np.stack([ndimage.binary_fill_holes(s) for s in fg])
+    )
     diameter = nucleus_diameter or _estimate_nucleus_diameter(fg)
     if diameter < 2:
-        raise NoCellsFoundError("no nuclei stand out from the background", "check the nucleus channel")
+        raise NoCellsFoundError(
+            "no nuclei stand out from the background", "check the nucleus channel"
+        )
     volume = np.pi * (diameter / 2) ** 2 if nd == 2 else 4 / 3 * np.pi * (diameter / 2) ** 3
     min_size = int(max(4, 0.15 * volume))
     cc, _ = ndimage.label(fg)
     fg = _remove_small(cc, min_size) > 0
     if not fg.any():
-        raise NoCellsFoundError("no nuclei stand out from the background", "check the nucleus channel")
+        raise NoCellsFoundError(
+            "no nuclei stand out from the background", "check the nucleus channel"
+        )
     dist = ndimage.distance_transform_edt(fg, sampling=spacing)
     dist = ndimage.gaussian_filter(dist, sigma=DIST_SIGMA / rel)
     markers, _ = ndimage.label(h_maxima(dist, max(0.5, SEED_H * diameter)))
@@ -179,7 +198,9 @@ def segment_builtin(
     if cell is None:  # a nucleus stain only: the nuclei are the objects
         cells = nuclei
     else:
-        cells = expand_labels(nuclei, distance=float(expand if expand is not None else GROW * diameter))
+        cells = expand_labels(
+            nuclei, distance=float(expand if expand is not None else GROW * diameter)
+        )
         if np.ptp(cell) > 0:
             csmooth = ndimage.gaussian_filter(cell.astype(np.float32), sigma=1.0 / rel)
             cell_fg = csmooth > _threshold(csmooth, threshold)
@@ -189,7 +210,9 @@ def segment_builtin(
                 cells = np.where(cell_fg | (nuclei > 0), cells, 0)
     cells, _, _ = _relabel(cells)
     if cells.max() == 0:
-        raise NoCellsFoundError("no cells found", "check the nucleus channel or pass nucleus_diameter")
+        raise NoCellsFoundError(
+            "no cells found", "check the nucleus channel or pass nucleus_diameter"
+        )
     return cells
 
 
@@ -213,7 +236,7 @@ def cellpose_version() -> int | None:
 
 
 def cellpose_model_dir() -> Path:
-    """Where Cellpose looks for its weights (``CELLPOSE_LOCAL_MODELS_PATH`` or ~/.cellpose/models)."""
+    """Where Cellpose looks for weights: ``CELLPOSE_LOCAL_MODELS_PATH`` or ~/.cellpose/models."""
     env = os.environ.get("CELLPOSE_LOCAL_MODELS_PATH")
     return Path(env) if env else Path.home() / ".cellpose" / "models"
 
@@ -246,7 +269,11 @@ def _torch_device(device: str):
     import torch
 
     if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else ("mps" if torch.backends.mps.is_available() else "cpu")
+        device = (
+            "cuda"
+            if torch.cuda.is_available()
+            else ("mps" if torch.backends.mps.is_available() else "cpu")
+        )
     return torch.device(device)
 
 
@@ -266,7 +293,10 @@ def segment_cellpose(
     """
     major = cellpose_version()
     if major is None:
-        raise MaeprobeInputError("Cellpose is not installed", "pip install 'napari-maeprobe[cellpose]' or use method='builtin'")
+        raise MaeprobeInputError(
+            "Cellpose is not installed",
+            "pip install 'napari-maeprobe[cellpose]' or use method='builtin'",
+        )
     from cellpose import models
 
     ok, why = cellpose_weights_available(weights)
@@ -276,7 +306,9 @@ def segment_cellpose(
     gpu = dev.type != "cpu"
     local = weights is not None and Path(weights).is_file()
     name = str(weights) if local else (str(weights) if weights else default_cellpose_model(major))
-    stack = np.stack([cell if cell is not None else np.zeros_like(nucleus), nucleus])  # (2, [Z,] Y, X)
+    stack = np.stack(
+        [cell if cell is not None else np.zeros_like(nucleus), nucleus]
+    )  # (2, [Z,] Y, X)
     do_3d = nucleus.ndim == 3
     try:
         if major >= 4:
@@ -288,7 +320,9 @@ def segment_cellpose(
     except Exception as exc:  # cellpose raises URLError/OSError/RuntimeError when it cannot fetch
         _, why = cellpose_weights_available(weights)
         problem, _, fix = why.partition("; ")
-        raise WeightsNotFoundError(f"{problem} and could not be downloaded ({type(exc).__name__})", fix) from exc
+        raise WeightsNotFoundError(
+            f"{problem} and could not be downloaded ({type(exc).__name__})", fix
+        ) from exc
     kwargs = dict(channel_axis=0, diameter=diameter, do_3D=do_3d)
     if do_3d:
         kwargs["z_axis"] = 1
@@ -320,7 +354,10 @@ def segment(
     data = image.to_numpy()
     check_finite(data, image.name, image.channel_names)
     if data.size == 0 or all(np.ptp(data[c]) == 0 for c in range(data.shape[0])):
-        raise NoCellsFoundError(f"{image.name}: the image is empty (every pixel has the same value)", "check that the right file was opened")
+        raise NoCellsFoundError(
+            f"{image.name}: the image is empty (every pixel has the same value)",
+            "check that the right file was opened",
+        )
     names = image.channel_names
     nuc = _channel_index(image, nucleus_channel)
     if nuc is None:
@@ -328,7 +365,9 @@ def segment(
     notes: list[str] = []
     if nuc is None:
         nuc = 0
-        notes.append(f"no channel name looks like a nucleus stain; using '{names[0]}' (set nucleus_channel)")
+        notes.append(
+            f"no channel name looks like a nucleus stain; using '{names[0]}' (set nucleus_channel)"
+        )
     cel = _channel_index(image, cell_channel)
     if cel is None and cell_channel is None:
         cel = pick_channel(names, CELL_PATTERNS, exclude={nuc})
@@ -336,9 +375,17 @@ def segment(
     if cel is not None and np.ptp(norm[cel]) == 0:
         notes.append(f"cell channel '{names[cel]}' is empty; using the mean of the other channels")
         cel = None
-    others = [i for i in range(len(names)) if i != nuc and not BRIGHTFIELD.search(names[i]) and np.ptp(norm[i]) > 0]
+    others = [
+        i
+        for i in range(len(names))
+        if i != nuc and not BRIGHTFIELD.search(names[i]) and np.ptp(norm[i]) > 0
+    ]
     cell_img = norm[cel] if cel is not None else (norm[others].mean(axis=0) if others else None)
-    cell_name = names[cel] if cel is not None else ("mean of " + ", ".join(names[i] for i in others) if others else None)
+    cell_name = (
+        names[cel]
+        if cel is not None
+        else ("mean of " + ", ".join(names[i] for i in others) if others else None)
+    )
 
     use_cellpose = method == "cellpose"
     if method == "auto":
@@ -347,20 +394,31 @@ def segment(
         if not ok:
             notes.append(f"built-in segmentation: {why}")
     elif method not in ("builtin", "cellpose"):
-        raise MaeprobeInputError(f"unknown segmentation method {method!r}", "use 'auto', 'cellpose' or 'builtin'")
+        raise MaeprobeInputError(
+            f"unknown segmentation method {method!r}", "use 'auto', 'cellpose' or 'builtin'"
+        )
     try:
         if use_cellpose:
             labels = segment_cellpose(norm[nuc], cell_img, weights, diameter, device)
             used = f"cellpose{cellpose_version()}"
         else:
             spacing = image.scale if image.scale and len(image.scale) == norm[nuc].ndim else None
-            labels = segment_builtin(norm[nuc], cell_img, nucleus_diameter=diameter, spacing=spacing)
+            labels = segment_builtin(
+                norm[nuc], cell_img, nucleus_diameter=diameter, spacing=spacing
+            )
             used = "builtin"
     except NoCellsFoundError as exc:
-        raise NoCellsFoundError(f"{image.name}: {exc.problem} (nucleus channel '{names[nuc]}')", exc.fix) from exc
+        raise NoCellsFoundError(
+            f"{image.name}: {exc.problem} (nucleus channel '{names[nuc]}')", exc.fix
+        ) from exc
     if labels.max() == 0:
-        raise NoCellsFoundError(f"{image.name}: no cells found (nucleus channel '{names[nuc]}')", "check the channels or the diameter")
-    return Segmentation(labels=labels, method=used, nucleus_channel=names[nuc], cell_channel=cell_name, notes=notes)
+        raise NoCellsFoundError(
+            f"{image.name}: no cells found (nucleus channel '{names[nuc]}')",
+            "check the channels or the diameter",
+        )
+    return Segmentation(
+        labels=labels, method=used, nucleus_channel=names[nuc], cell_channel=cell_name, notes=notes
+    )
 
 
 # --------------------------------------------------------------------------- agreement

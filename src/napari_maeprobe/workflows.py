@@ -128,12 +128,16 @@ def write_segmentation_outputs(segmented: list[SegmentedImage], out_dir: Path) -
     return summary
 
 
-def overlay_png(path: Path, image: MicroscopyImage, boundary: np.ndarray, nucleus_channel: str) -> None:
+def overlay_png(
+    path: Path, image: MicroscopyImage, boundary: np.ndarray, nucleus_channel: str
+) -> None:
     """An RGB picture of the nucleus channel (grey) with cell boundaries in yellow."""
     import imageio.v3 as iio
 
     data = project_z(image, "max").to_numpy() if image.is_3d else image.to_numpy()
-    idx = image.channel_names.index(nucleus_channel) if nucleus_channel in image.channel_names else 0
+    idx = (
+        image.channel_names.index(nucleus_channel) if nucleus_channel in image.channel_names else 0
+    )
     grey = normalize(data[idx : idx + 1])[0]
     b = boundary.max(axis=0) if boundary.ndim == 3 else boundary
     rgb = np.repeat((grey * 255).astype(np.uint8)[..., None], 3, axis=-1)

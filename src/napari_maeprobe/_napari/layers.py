@@ -6,7 +6,17 @@ import numpy as np
 
 from ..image import MicroscopyImage
 
-COLORMAPS = ("blue", "green", "red", "magenta", "cyan", "yellow", "gray", "bop orange", "bop purple")
+COLORMAPS = (
+    "blue",
+    "green",
+    "red",
+    "magenta",
+    "cyan",
+    "yellow",
+    "gray",
+    "bop orange",
+    "bop purple",
+)
 
 
 def _contrast_limits(plane) -> tuple[float, float]:
