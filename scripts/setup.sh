@@ -31,10 +31,12 @@ stamp=".venv/.maeprobe-installed"
 want="$(cat pyproject.toml scripts/setup.sh scripts/constraints.txt | sha256sum | cut -c1-16)"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "[setup] installing Python packages into .venv (first time: a few minutes)"
-  .venv/bin/python -m pip install -q --upgrade pip
-  # The CPU build of torch first: a bare "torch" requirement would pull several GB of CUDA packages.
-  .venv/bin/python -m pip install -q "torch==2.13.0"
-  .venv/bin/python -m pip install -q -c scripts/constraints.txt -e ".[dev]" 2>&1 | grep -v "is ignored" || true
+  quiet() { grep -v "is ignored: it is neither a file nor a directory" || true; }
+  .venv/bin/python -m pip install -q --upgrade pip 2>&1 | quiet
+  # The CPU build of torch first: a bare "torch" requirement would pull several GB of CUDA
+  # packages; scripts/constraints.txt then keeps every later install on this build.
+  .venv/bin/python -m pip install -q "torch==2.13.0" 2>&1 | quiet
+  .venv/bin/python -m pip install -q -c scripts/constraints.txt -e ".[dev]" 2>&1 | quiet
   .venv/bin/python -c "import napari_maeprobe, torch, cellpose, napari" || { echo "[setup] install failed"; exit 1; }
   echo "$want" > "$stamp"
 fi
