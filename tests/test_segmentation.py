@@ -17,7 +17,7 @@ def test_examplehuman_plausible_count():
     im, _ = load_sample("examplehuman")
     seg = segment(im, "builtin")
     assert seg.nucleus_channel == "DNA" and seg.cell_channel == "cellbody"
-    # measured 315 nuclei; a field of 512x512 HT29 cells holds a few hundred
+    # measured 346 nuclei; a field of 512x512 HT29 cells holds a few hundred
     assert 250 <= seg.n_cells <= 400
     assert seg.labels.shape == (512, 512)
 
@@ -42,7 +42,7 @@ def test_cellpainting_agrees_with_cellprofiler(sample_dir):
     ref = _cellprofiler_cells(
         sample_dir
     )  # 31 closed cell outlines (cells cut by the edge are open)
-    assert 30 <= seg.n_cells <= 50  # measured 39
+    assert 30 <= seg.n_cells <= 50  # measured 40
     assert matched_fraction(seg.labels, ref) >= 0.45  # measured 0.52
 
 
@@ -55,8 +55,8 @@ def test_imc_agrees_with_shipped_whole_cell_masks(sample_dir):
         n = len(np.unique(ref)) - 1
         n_ref += n
         n_matched += matched_fraction(seg.labels, ref) * n
-    # measured 0.243 of 404 DeepCell cells at IoU 0.5 (see docs/segmentation.md)
-    assert n_matched / n_ref >= 0.2
+    # measured 0.41 of 404 DeepCell cells at IoU 0.5 (see docs/segmentation.md)
+    assert n_matched / n_ref >= 0.35
 
 
 def test_3d_nuclei_match_shipped_labels():

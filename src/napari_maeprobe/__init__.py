@@ -1,21 +1,29 @@
 """napari-maeprobe: explore what masked-autoencoder microscopy models see in your cells.
 
 The core library (this package minus ``_napari``) has no Qt import; napari only loads
-``napari_maeprobe._napari`` through the manifest ``napari.yaml``.
+``napari_maeprobe._napari`` through the manifest ``napari.yaml``. Top-level names are imported
+lazily so that ``import napari_maeprobe.models`` stays light (no dask, no napari).
 """
 
-from .errors import MaeprobeInputError, NoCellsFoundError, WeightsNotFoundError
-from .image import MicroscopyImage
-from .reading import read_image, read_images
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "MaeprobeInputError",
-    "MicroscopyImage",
-    "NoCellsFoundError",
-    "WeightsNotFoundError",
-    "__version__",
-    "read_image",
-    "read_images",
-]
+_LAZY = {
+    "MaeprobeInputError": "errors",
+    "NoCellsFoundError": "errors",
+    "WeightsNotFoundError": "errors",
+    "MicroscopyImage": "image",
+    "read_image": "reading",
+    "read_images": "reading",
+}
+
+__all__ = [*_LAZY, "__version__"]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'napari_maeprobe' has no attribute {name!r}")

@@ -19,6 +19,9 @@ EXAMPLES = {
         "example:\n  maeprobe segment sample_data/cellprofiler_examplehuman_3ch --out out/seg"
     ),
     "demo": "example:\n  maeprobe demo --out out/demo",
+    "train": (
+        "example:\n  maeprobe train --data sample_data --out out/my-model.safetensors --steps 500"
+    ),
 }
 
 
@@ -85,6 +88,41 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", type=Path, default=Path("out/demo"), help="output folder")
     demo.add_argument("--gui", action="store_true", help="open the results in napari afterwards")
     _add_segment_options(demo)
+
+    train = sub.add_parser(
+        "train",
+        help="train an MAE (random + boundary-guided masking) on real images",
+        epilog=EXAMPLES["train"],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    train.add_argument("--model", default="default", help="architecture to train (default)")
+    train.add_argument(
+        "--data",
+        nargs="*",
+        type=Path,
+        default=[],
+        help="folders of images to train on (segmented with the built-in method)",
+    )
+    train.add_argument("--training-set", type=Path, help="a training set .npz saved earlier")
+    train.add_argument("--save-training-set", type=Path, help="write the collected set as .npz")
+    train.add_argument("--out", type=Path, required=True, help="weights file (.safetensors)")
+    train.add_argument("--steps", type=int, default=3000)
+    train.add_argument("--batch-size", type=int, default=64)
+    train.add_argument("--lr", type=float, default=1e-3)
+    train.add_argument("--mask-ratio", type=float, default=0.75)
+    train.add_argument("--tau", type=float, default=0.5, help="boundary-guided masking temperature")
+    train.add_argument(
+        "--boundary-share",
+        type=float,
+        default=0.5,
+        help="share of batches with boundary-guided (vs random) masking",
+    )
+    train.add_argument("--fft-weight", type=float, default=0.01)
+    train.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--workers", type=int, default=0, help="processes that cut training crops")
+
+    sub.add_parser("models", help="list the models, their inputs, licences and weights")
     return parser
 
 
@@ -150,10 +188,110 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    import json
+
+    from .models.builtin import DEFAULT_CONFIG
+    from .models.registry import create_model
+    from .training import (
+        CropSampler,
+        collect_training_images,
+        load_training_set,
+        save_model,
+        save_training_set,
+        train_mae,
+    )
+
+    if args.model != "default":
+        raise MaeprobeInputError(
+            f"training {args.model!r} from the command line is not supported",
+            "use --model default (other models: fine-tune from Python with training.train_mae)",
+        )
+    if args.training_set:
+        images = load_training_set(args.training_set)
+    elif args.data:
+        images = collect_training_images(args.data, progress=args.progress)
+    else:
+        raise MaeprobeInputError("no training data", "pass --data FOLDER... or --training-set FILE")
+    if args.save_training_set:
+        save_training_set(images, args.save_training_set)
+    device = _device(args.device)
+    model = create_model("default", random_init=True)
+    cfg = DEFAULT_CONFIG
+    sampler = CropSampler(images, cfg["img_size"], cfg["patch_size"], 6, seed=args.seed)
+    curve = train_mae(
+        model,
+        sampler,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        mask_ratio=args.mask_ratio,
+        boundary_share=args.boundary_share,
+        tau=args.tau,
+        fft_weight=args.fft_weight,
+        device=device,
+        seed=args.seed,
+        workers=args.workers,
+        progress=args.progress,
+    )
+    info = dict(
+        command="maeprobe " + " ".join(sys.argv[1:]) if sys.argv else "",
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        images=[im.name for im in images],
+        device=device,
+        final_loss=curve[-1]["loss"],
+        seconds=curve[-1]["seconds"],
+    )
+    save_model(model.cpu(), args.out, cfg, info)
+    curve_path = args.out.with_suffix(".curve.csv")
+    with open(curve_path, "w") as f:
+        f.write(",".join(curve[0]) + "\n")
+        for row in curve:
+            f.write(",".join(str(v) for v in row.values()) + "\n")
+    print(json.dumps({k: v for k, v in info.items() if k != "images"}))
+    print(f"weights: {args.out}; curve: {curve_path}")
+    return 0
+
+
+def _device(choice: str) -> str:
+    import torch
+
+    if choice != "auto":
+        return choice
+    if torch.cuda.is_available():
+        return "cuda"
+    return "mps" if torch.backends.mps.is_available() else "cpu"
+
+
+def cmd_models(args) -> int:
+    from .models.registry import list_models, weights_status
+
+    rows = [("name", "channels", "input", "embed", "decoder", "weights here", "licence of weights")]
+    for spec in list_models():
+        here, where = weights_status(spec)
+        rows.append(
+            (
+                spec.name,
+                spec.channels,
+                spec.input_size,
+                str(spec.embed_dim),
+                "yes" if spec.has_decoder else "no",
+                f"{'yes' if here else 'no'}: {where}",
+                spec.licence,
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r[:-1], widths)) + "  " + r[-1])
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    handlers = {"segment": cmd_segment, "demo": cmd_demo}
+    handlers = {"segment": cmd_segment, "demo": cmd_demo, "train": cmd_train, "models": cmd_models}
     args.progress = TqdmProgress()
     try:
         return handlers[args.verb](args)

@@ -132,6 +132,34 @@ def _read_file(path: Path, axes: str | None) -> list[MicroscopyImage]:
     )
 
 
+#: folder names that say how files are stored, not which dataset they belong to
+GENERIC_FOLDERS = {
+    "img",
+    "imgs",
+    "image",
+    "images",
+    "orig",
+    "raw",
+    "fov",
+    "fov_partial",
+    "cells",
+    "data",
+    "tif",
+    "tiff",
+    "tiffs",
+    "channels",
+}
+
+
+def dataset_name(folder: Path) -> str:
+    """The dataset a folder belongs to: its name, or its parent's when it is a generic store."""
+    folder = Path(folder).resolve()
+    for candidate in [folder, *folder.parents]:
+        if candidate.name and candidate.name.lower() not in GENERIC_FOLDERS:
+            return candidate.name
+    return folder.name
+
+
 def _finish(
     data,
     axes_or_hint: str | None,
@@ -160,7 +188,7 @@ def _finish(
         source=source,
         source_axes=axes,
         scale=scale,
-        dataset=folder.name,
+        dataset=dataset_name(folder),
     )
 
 
@@ -613,7 +641,7 @@ def _read_folder(
                 name=name,
                 source=tuple(p.path for p in planes),
                 source_axes="CYX",
-                dataset=folder.name,
+                dataset=dataset_name(folder),
             )
         )
     return images

@@ -58,7 +58,9 @@ class MaeprobeModel(nn.Module):
         grid = []
         for s, p in zip(spatial, self.patch_size):
             if s % p:
-                raise ValueError(f"crop size {tuple(spatial)} is not a multiple of {self.patch_size}")
+                raise ValueError(
+                    f"crop size {tuple(spatial)} is not a multiple of {self.patch_size}"
+                )
             grid.append(s // p)
         return ((shape[0],) if self.channel_agnostic else ()) + tuple(grid)
 

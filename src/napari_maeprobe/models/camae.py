@@ -62,7 +62,9 @@ class ChannelAgnosticViT(nn.Module):
         self.pos_embed = nn.Parameter(pos, requires_grad=False)
         if block == "parallel":
             blocks = [
-                ParallelScalingBlock(embed_dim, num_heads, mlp_ratio, True, init_values, legacy_bias)
+                ParallelScalingBlock(
+                    embed_dim, num_heads, mlp_ratio, True, init_values, legacy_bias
+                )
                 for _ in range(depth)
             ]
         else:
@@ -137,18 +139,40 @@ class CAMAE(MaeprobeModel):
         self.embed_dim = embed_dim
         self.img_size = img_size
         self.config = dict(
-            img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth,
-            num_heads=num_heads, mlp_ratio=mlp_ratio, max_channels=max_channels, block=block,
-            init_values=init_values, legacy_bias=legacy_bias, decoder=decoder,
+            img_size=img_size,
+            patch_size=patch_size,
+            embed_dim=embed_dim,
+            depth=depth,
+            num_heads=num_heads,
+            mlp_ratio=mlp_ratio,
+            max_channels=max_channels,
+            block=block,
+            init_values=init_values,
+            legacy_bias=legacy_bias,
+            decoder=decoder,
         )
         self.encoder = CAMAEEncoder(
-            img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth,
-            num_heads=num_heads, mlp_ratio=mlp_ratio, max_channels=max_channels, block=block,
-            init_values=init_values, legacy_bias=legacy_bias,
+            img_size=img_size,
+            patch_size=patch_size,
+            embed_dim=embed_dim,
+            depth=depth,
+            num_heads=num_heads,
+            mlp_ratio=mlp_ratio,
+            max_channels=max_channels,
+            block=block,
+            init_values=init_values,
+            legacy_bias=legacy_bias,
         )
         self.mp_decoder = (
-            CAMAEDecoder(embed_dim, decoder["dim"], decoder["depth"], decoder["heads"],
-                         patch_size, img_size // patch_size, max_channels)
+            CAMAEDecoder(
+                embed_dim,
+                decoder["dim"],
+                decoder["depth"],
+                decoder["heads"],
+                patch_size,
+                img_size // patch_size,
+                max_channels,
+            )
             if decoder
             else None
         )
@@ -234,7 +258,9 @@ class CAMAE(MaeprobeModel):
             out.reconstruction = self._reconstruct(x, z, visible, flat_mask, mean, std)
         return out
 
-    def predict_pixels(self, visible: torch.Tensor, flat_mask: torch.Tensor, c: int) -> torch.Tensor:
+    def predict_pixels(
+        self, visible: torch.Tensor, flat_mask: torch.Tensor, c: int
+    ) -> torch.Tensor:
         """Decoder output (B, C, L, p*p) in standardised intensity."""
         if self.mp_decoder is None:
             raise ValueError("this CA-MAE has no decoder: reconstructions are not available")
@@ -263,7 +289,9 @@ class CAMAE(MaeprobeModel):
         enc = self.forward(x, mask)
         g = self.backbone.grid
         flat_mask = mask.reshape(b, c * g * g)
-        visible = enc.patch_embeddings.reshape(b, c * g * g, -1)[~flat_mask].reshape(b, -1, self.embed_dim)
+        visible = enc.patch_embeddings.reshape(b, c * g * g, -1)[~flat_mask].reshape(
+            b, -1, self.embed_dim
+        )
         pred = self.predict_pixels(visible, flat_mask, c)  # (B, C, L, p*p)
         target = patchify(out_z, self.patch_size).reshape(b, c, g * g, -1)
         m = mask.reshape(b, c, g * g).float()
@@ -272,8 +300,13 @@ class CAMAE(MaeprobeModel):
         fft = torch.zeros((), device=x.device)
         if fft_weight > 0:
             pred_img = unpatchify(pred.reshape(b, c, g, g, -1), self.patch_size)
-            mm = unpatchify(m.reshape(b, c, g, g, 1).expand(-1, -1, -1, -1, pred.shape[-1]), self.patch_size)
+            mm = unpatchify(
+                m.reshape(b, c, g, g, 1).expand(-1, -1, -1, -1, pred.shape[-1]), self.patch_size
+            )
             filled = out_z * (1 - mm) + pred_img * mm
-            fft = F.l1_loss(torch.fft.fft2(filled, norm="ortho").abs(), torch.fft.fft2(out_z, norm="ortho").abs())
+            fft = F.l1_loss(
+                torch.fft.fft2(filled, norm="ortho").abs(),
+                torch.fft.fft2(out_z, norm="ortho").abs(),
+            )
             loss = (1 - fft_weight) * mse + fft_weight * fft
         return loss, {"mse": float(mse.detach()), "fft": float(fft.detach())}

@@ -175,15 +175,6 @@ def sincos_2d(dim: int, grid: tuple[int, int]) -> torch.Tensor:
     return torch.cat([sincos_1d(dim // 2, gh), sincos_1d(dim // 2, gw)], dim=1)
 
 
-def sincos_3d(dim: int, grid: tuple[int, int, int]) -> torch.Tensor:
-    """Fixed 3D sin-cos table ``(gz*gy*gx, dim)`` laid out ``[h | w | d]`` (mae3d convention)."""
-    if dim % 6:
-        raise ValueError(f"embedding dim {dim} must be divisible by 6 for 3D sin-cos positions")
-    gd, gh, gw = torch.meshgrid(*(torch.arange(g, dtype=torch.float64) for g in grid), indexing="ij")
-    third = dim // 3
-    return torch.cat([sincos_1d(third, gh), sincos_1d(third, gw), sincos_1d(third, gd)], dim=1)
-
-
 def init_weights(module: nn.Module) -> None:
     """Xavier-uniform linears and zero biases, the MAE initialisation."""
     for m in module.modules():
@@ -214,5 +205,4 @@ __all__ = [
     "init_weights",
     "sincos_1d",
     "sincos_2d",
-    "sincos_3d",
 ]

@@ -36,6 +36,7 @@ class ModelSpec:
 
 
 _REGISTRY: dict[str, ModelSpec] = {}
+_BUILTINS_LOADED = False
 
 
 def register_model(spec: ModelSpec) -> ModelSpec:
@@ -45,7 +46,9 @@ def register_model(spec: ModelSpec) -> ModelSpec:
 
 
 def _ensure_builtins() -> None:
-    if not _REGISTRY:
+    global _BUILTINS_LOADED
+    if not _BUILTINS_LOADED:
+        _BUILTINS_LOADED = True
         from . import builtin  # noqa: F401  (registers the package's models)
 
 
@@ -103,7 +106,8 @@ def create_model(
             path = resolve_hub_weights(*spec.hub, download=download)
         else:
             raise WeightsNotFoundError(
-                f"model {name!r} has no default weights", f"pass --weights PATH ({spec.weights_hint})"
+                f"model {name!r} has no default weights",
+                f"pass --weights PATH ({spec.weights_hint})",
             )
         state = load_state_dict(path)
         metadata = _file_metadata(path)

@@ -45,6 +45,9 @@ def find_weights_file(path: str | Path) -> Path:
         for name in WEIGHT_FILES:
             if (p / name).is_file():
                 return p / name
+        numbered = sorted(p.glob("checkpoint_*.pth.tar"))  # mae3d-opencell: the latest epoch
+        if numbered:
+            return numbered[-1]
         raise WeightsNotFoundError(
             f"no weights file in {p} (looked for {', '.join(WEIGHT_FILES)})",
             "pass the weights file itself, or put it in that folder under one of those names",
@@ -64,7 +67,10 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         head = f.read(16)
     try:
         if head.startswith(_ZIP_MAGIC):
-            obj = torch.load(p, map_location="cpu", weights_only=True)
+            # a file object, not the path: recent torch.load treats a *.safetensors *name* as
+            # safetensors, and OpenPhenom's torch zip is named model.safetensors
+            with open(p, "rb") as f:
+                obj = torch.load(f, map_location="cpu", weights_only=True)
         elif len(head) >= 9 and head[8:9] == b"{":
             from safetensors.torch import load_file
 
