@@ -307,7 +307,7 @@ class ViTMAE(MaeprobeModel):
                     "every crop in a batch must have the same number of masked patches"
                 )
             tok = tok[~flat].reshape(b, -1, tok.shape[-1])
-        cls = (self.cls_token + pos[:, :1]).expand(b, -1, -1)
+        cls = (self.cls_token.to(tok.dtype) + pos[:, :1]).expand(b, -1, -1)
         h = torch.cat([cls, tok], dim=1)
         probs = None
         last = len(self.blocks) - 1

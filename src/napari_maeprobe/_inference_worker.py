@@ -1,0 +1,8 @@
+"""Entry point of the inference worker process (see :func:`napari_maeprobe.inference.worker_main`)."""
+
+import sys
+
+from napari_maeprobe.inference import worker_main
+
+if __name__ == "__main__":
+    worker_main(int(sys.argv[1]), int(sys.argv[2]))

@@ -1,0 +1,472 @@
+"""The inference engine: runs a registered model over batches of crops in a worker process.
+
+- Device ``auto`` picks CUDA, then MPS, then the CPU; precision ``auto`` picks bfloat16 autocast
+  on CUDA and on CPUs with native bfloat16 (oneDNN), float32 otherwise.
+- Batches are sized to the device (``batch_size=None``) and halved on out-of-memory.
+- Attention maps use the explicit softmax path only when asked for; embeddings use fused
+  attention.
+- The model lives in a separate process (``spawn``), so a crash or an out-of-memory kill in the
+  model cannot take down napari or the caller: it comes back as :class:`WorkerCrashedError`.
+- Results stream out batch by batch (:class:`BatchResult`), with progress callbacks and
+  cancellation (the callback returns ``False``).
+"""
+
+from __future__ import annotations
+
+import queue
+import time
+import traceback
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .errors import MaeprobeInputError
+from .progress import ProgressCallback, report
+
+LEVELS = ("global", "channel", "patch")
+
+
+class WorkerCrashedError(RuntimeError):
+    """The model's worker process died (killed, out of memory, or a crash in native code)."""
+
+
+@dataclass
+class EngineConfig:
+    """What to run and how: the model, its weights and the execution settings."""
+
+    model: str = "default"
+    weights: str | None = None
+    model_options: dict = field(default_factory=dict)
+    device: str = "auto"
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16
+    batch_size: int | None = None
+    levels: tuple[str, ...] = LEVELS
+    attention: bool = False
+    reconstruction: bool = False
+    masking: str = "none"  # none | random | boundary
+    mask_ratio: float = 0.75
+    tau: float = 0.5
+    seed: int = 0
+    random_init: bool = False
+    threads: int | None = None
+
+
+@dataclass
+class BatchResult:
+    """The model's outputs for one batch, as NumPy arrays (float32 unless stated)."""
+
+    index: np.ndarray
+    global_embedding: np.ndarray | None
+    channel_embeddings: np.ndarray | None
+    patch_embeddings: np.ndarray | None
+    attention: np.ndarray | None = None
+    reconstruction: np.ndarray | None = None
+    mask: np.ndarray | None = None
+
+
+@dataclass
+class ModelInfo:
+    """Facts about the loaded model, for the metadata of every result."""
+
+    name: str
+    weights_name: str
+    weights_sha256: str
+    embed_dim: int
+    patch_size: tuple[int, ...]
+    channel_agnostic: bool
+    device: str
+    precision: str
+
+
+def resolve_device(choice: str = "auto") -> str:
+    """``auto`` -> cuda, then mps, then cpu; otherwise the choice, checked."""
+    import torch
+
+    if choice == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        return "mps" if torch.backends.mps.is_available() else "cpu"
+    if choice.startswith("cuda") and not torch.cuda.is_available():
+        raise MaeprobeInputError(
+            "device 'cuda' was asked for but no CUDA GPU is usable here",
+            "use --device cpu (or auto)",
+        )
+    return choice
+
+
+def resolve_precision(choice: str, device: str) -> str:
+    """``auto`` -> bf16 where the hardware runs it natively, else fp32."""
+    import torch
+
+    if choice != "auto":
+        if choice not in ("fp32", "bf16", "fp16"):
+            raise MaeprobeInputError(
+                f"unknown precision {choice!r}", "use auto, fp32, bf16 or fp16"
+            )
+        return choice
+    if device.startswith("cuda"):
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if device == "cpu" and torch.backends.mkldnn.is_available():
+        try:
+            return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
+        except (AttributeError, RuntimeError):
+            return "fp32"
+    return "fp32"
+
+
+def default_batch_size(model, sample_shape: tuple[int, ...], device: str) -> int:
+    """A batch that fits: fixed on the CPU, from free memory on a GPU (activations of the
+    widest layer, x 16 for the blocks' intermediates)."""
+    import torch
+
+    grid = model.token_grid(sample_shape)
+    tokens = int(np.prod(grid)) + 1
+    if device.startswith("cuda"):
+        free, _ = torch.cuda.mem_get_info()
+        per_sample = tokens * model.embed_dim * 4 * 16 + tokens * tokens * 4 * 2
+        return int(max(1, min(1024, 0.5 * free / per_sample)))
+    return int(max(1, min(64, 200_000 // max(tokens, 1))))
+
+
+class _Runner:
+    """Runs the model on batches inside the worker (or in-process for tests and debugging)."""
+
+    def __init__(self, cfg: EngineConfig) -> None:
+        import torch
+
+        from .models.registry import create_model
+
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        self.cfg = cfg
+        self.device = resolve_device(cfg.device)
+        self.precision = resolve_precision(cfg.precision, self.device)
+        self.model = (
+            create_model(
+                cfg.model, weights=cfg.weights, random_init=cfg.random_init, **cfg.model_options
+            )
+            .to(self.device)
+            .eval()
+        )
+        if cfg.reconstruction and not self.model.has_decoder:
+            raise MaeprobeInputError(
+                f"model {cfg.model!r} has no decoder",
+                "ask for reconstructions from a model with a decoder",
+            )
+        m = self.model
+        self.info = ModelInfo(
+            cfg.model,
+            getattr(m, "weights_name", ""),
+            getattr(m, "weights_sha256", ""),
+            int(m.embed_dim),
+            tuple(m.patch_size),
+            bool(m.channel_agnostic),
+            self.device,
+            self.precision,
+        )
+
+    def run(self, index: np.ndarray, crops: np.ndarray, boundary: np.ndarray | None) -> BatchResult:
+        import torch
+
+        from .masking import make_mask
+
+        cfg = self.cfg
+        x = torch.from_numpy(np.ascontiguousarray(crops))
+        if x.dtype in (torch.uint8, torch.int16, torch.int32, torch.uint16):
+            x = x.to(self.device, non_blocking=True).float() / float(np.iinfo(crops.dtype).max)
+        else:
+            x = x.to(self.device, non_blocking=True).float()
+        grid = self.model.token_grid(tuple(x.shape[1:]))
+        mask = make_mask(
+            cfg.masking,
+            grid,
+            x.shape[0],
+            cfg.mask_ratio,
+            cfg.tau,
+            boundary,
+            seed=cfg.seed + int(index[0]),
+        )
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+        dev_type = "cuda" if self.device.startswith("cuda") else self.device
+        with (
+            torch.inference_mode(),
+            torch.autocast(dev_type, dtype=dtype or torch.float32, enabled=dtype is not None),
+        ):
+            out = self.model(
+                x,
+                None if mask is None else mask.to(self.device),
+                attention=cfg.attention,
+                reconstruction=cfg.reconstruction,
+            )
+
+        def np_(t):
+            return None if t is None else t.detach().float().cpu().numpy()
+
+        return BatchResult(
+            index=index,
+            global_embedding=np_(out.global_embedding) if "global" in cfg.levels else None,
+            channel_embeddings=np_(out.channel_embeddings) if "channel" in cfg.levels else None,
+            patch_embeddings=np_(out.patch_embeddings) if "patch" in cfg.levels else None,
+            attention=np_(out.attention),
+            reconstruction=np_(out.reconstruction),
+            mask=None if out.mask is None else out.mask.cpu().numpy(),
+        )
+
+
+def worker_main(read_fd: int, write_fd: int) -> None:
+    """Worker process: read the config, build the model, then answer batches until told to stop.
+
+    Started as ``python -m napari_maeprobe._inference_worker READ_FD WRITE_FD``: a fresh
+    interpreter, so the caller's script is not re-imported (as multiprocessing's spawn would).
+    """
+    from multiprocessing.connection import Connection
+
+    inbox = Connection(read_fd, writable=False)
+    outbox = Connection(write_fd, readable=False)
+    try:
+        runner = _Runner(inbox.recv())
+        outbox.send(("ready", runner.info))
+    except BaseException as exc:  # report, then exit
+        outbox.send(("error", _describe(exc)))
+        return
+    while True:
+        try:
+            msg = inbox.recv()
+        except EOFError:
+            return
+        if msg is None:
+            return
+        index, crops, boundary = msg
+        try:
+            outbox.send(("batch", _run_with_oom_retry(runner, index, crops, boundary)))
+        except BaseException as exc:
+            outbox.send(("error", _describe(exc)))
+            return
+
+
+def _run_with_oom_retry(runner: _Runner, index, crops, boundary) -> list[BatchResult]:
+    """Run a batch; on GPU out-of-memory split it in halves (down to one crop)."""
+    import torch
+
+    try:
+        return [runner.run(index, crops, boundary)]
+    except torch.OutOfMemoryError:
+        if len(index) == 1:
+            raise
+        torch.cuda.empty_cache()
+        h = len(index) // 2
+        b1 = None if boundary is None else boundary[:h]
+        b2 = None if boundary is None else boundary[h:]
+        return _run_with_oom_retry(runner, index[:h], crops[:h], b1) + _run_with_oom_retry(
+            runner, index[h:], crops[h:], b2
+        )
+
+
+def _describe(exc: BaseException) -> tuple[str, str, str]:
+    return (type(exc).__name__, str(exc), traceback.format_exc())
+
+
+class InferenceEngine:
+    """Embeds batches of crops with one model, in a worker process (or in-process).
+
+    Use as a context manager; :meth:`embed` yields :class:`BatchResult` per batch.
+    """
+
+    def __init__(
+        self, config: EngineConfig, in_process: bool = False, start_timeout: float = 600.0
+    ) -> None:
+        self.config = config
+        self.in_process = in_process
+        self._runner: _Runner | None = None
+        self._proc = None
+        if in_process:
+            self._runner = _Runner(config)
+            self.info = self._runner.info
+            return
+        import os
+        import subprocess
+        import sys
+        from multiprocessing.connection import Connection
+
+        r1, w1 = os.pipe()  # to the worker
+        r2, w2 = os.pipe()  # from the worker
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "napari_maeprobe._inference_worker", str(r1), str(w2)],
+            pass_fds=(r1, w2),
+        )
+        os.close(r1)
+        os.close(w2)
+        self._to_worker = Connection(w1, readable=False)
+        self._from_worker = Connection(r2, writable=False)
+        self._send(config)
+        _, self.info = self._receive("starting the model", timeout=start_timeout)
+
+    # -- worker plumbing ---------------------------------------------------------------------
+    def _alive(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def _crashed(self, doing: str) -> WorkerCrashedError:
+        code = None if self._proc is None else self._proc.poll()
+        why = "killed (out of memory?)" if code is not None and code < 0 else f"exit code {code}"
+        self.close(kill=True)
+        return WorkerCrashedError(
+            f"the inference worker stopped while {doing} ({why}). Fix: use a smaller "
+            "--batch-size, or --device cpu; napari and your data are unaffected"
+        )
+
+    def _send(self, item) -> None:
+        try:
+            self._to_worker.send(item)
+        except (BrokenPipeError, OSError, EOFError):
+            raise self._crashed("receiving a batch") from None
+
+    def _receive(self, doing: str, timeout: float | None = None):
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            try:
+                ready = self._from_worker.poll(0.2)
+            except (OSError, EOFError):
+                ready = False
+            if not ready:
+                if not self._alive():
+                    raise self._crashed(doing)
+                if deadline is not None and time.monotonic() > deadline:
+                    self.close(kill=True)
+                    raise WorkerCrashedError(f"the inference worker did not answer while {doing}")
+                continue
+            try:
+                kind, payload = self._from_worker.recv()
+            except (EOFError, OSError):
+                raise self._crashed(doing) from None
+            if kind == "error":
+                name, message, _tb = payload
+                self.close(kill=True)
+                if name in ("MaeprobeInputError", "WeightsNotFoundError", "NoCellsFoundError"):
+                    raise MaeprobeInputError(message)
+                raise WorkerCrashedError(f"{doing} failed in the worker: {name}: {message}")
+            return kind, payload
+
+    def embed(
+        self,
+        crops: np.ndarray | Iterable[np.ndarray],
+        boundary: np.ndarray | None = None,
+        total: int | None = None,
+        progress: ProgressCallback | None = None,
+    ) -> Iterator[BatchResult]:
+        """Embed ``crops`` (an array (N, C, [Z,] Y, X) or an iterable of such batches).
+
+        ``boundary``: per-patch boundary fractions (N, *spatial grid) for boundary-guided masking.
+        Yields results batch by batch, in input order.
+        """
+        batches = self._batches(crops, boundary)
+        n_total = (
+            total if total is not None else (len(crops) if isinstance(crops, np.ndarray) else 0)
+        )
+        done = 0
+        report(progress, 0, n_total, "embedding")
+        if self._runner is not None:
+            for index, x, b in batches:
+                for res in _run_with_oom_retry(self._runner, index, x, b):
+                    done += len(res.index)
+                    yield res
+                report(progress, done, max(n_total, done), "embedding")
+            return
+        import threading
+
+        sent: queue.Queue = queue.Queue()
+        failure: list[BaseException] = []
+        stop = threading.Event()
+
+        def sender() -> None:  # sends while the main thread receives: no pipe deadlock
+            try:
+                for item in batches:
+                    if stop.is_set():
+                        return
+                    sent.put(len(item[0]))
+                    self._to_worker.send(item)
+            except BaseException as exc:
+                failure.append(exc)
+            finally:
+                sent.put(None)
+
+        thread = threading.Thread(target=sender, daemon=True, name="maeprobe-sender")
+        thread.start()
+        try:
+            while True:
+                n = sent.get()
+                if n is None:
+                    break
+                for res in self._receive(f"embedding crops {done} to {done + n - 1}")[1]:
+                    done += len(res.index)
+                    yield res
+                report(progress, done, max(n_total, done), "embedding")
+            if failure and not isinstance(failure[0], (BrokenPipeError, OSError)):
+                raise failure[0]
+        except BaseException:
+            stop.set()
+            self.close(kill=True)
+            raise
+
+    def _batches(self, crops, boundary):
+        if isinstance(crops, np.ndarray):
+            if crops.ndim < 4:
+                raise MaeprobeInputError(
+                    f"crops have shape {crops.shape}", "pass (N, C, [Z,] Y, X) crops"
+                )
+            bs = self.config.batch_size or self._auto_batch(crops.shape[1:])
+            for i in range(0, len(crops), bs):
+                idx = np.arange(i, min(i + bs, len(crops)))
+                yield idx, crops[i : i + bs], None if boundary is None else boundary[i : i + bs]
+        else:
+            start = 0
+            for batch in crops:
+                b = None
+                if isinstance(batch, tuple):
+                    batch, b = batch
+                idx = np.arange(start, start + len(batch))
+                start += len(batch)
+                yield idx, batch, b
+
+    def _auto_batch(self, shape) -> int:
+        if self._runner is not None:
+            return default_batch_size(self._runner.model, tuple(shape), self.info.device)
+        tokens = int(
+            np.prod(
+                [s // p for s, p in zip(shape[-len(self.info.patch_size) :], self.info.patch_size)]
+            )
+        )
+        tokens *= shape[0] if self.info.channel_agnostic else 1
+        if self.info.device.startswith("cuda"):
+            return 256
+        return int(max(1, min(64, 200_000 // max(tokens, 1))))
+
+    def close(self, kill: bool = False) -> None:
+        """Stop the worker (politely, or at once with ``kill``)."""
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        if not kill and proc.poll() is None:
+            try:
+                self._to_worker.send(None)
+                proc.wait(timeout=5)
+            except Exception:
+                pass
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=5)
+        for conn in (self._to_worker, self._from_worker):
+            try:
+                conn.close()
+            except OSError:
+                pass
+
+    @property
+    def pid(self) -> int | None:
+        return None if self._proc is None else self._proc.pid
+
+    def __enter__(self) -> InferenceEngine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
