@@ -1,4 +1,4 @@
-"""Entry point of the inference worker process (see :func:`napari_maeprobe.inference.worker_main`)."""
+"""Entry point of the inference worker process (see ``inference.worker_main``)."""
 
 import sys
 

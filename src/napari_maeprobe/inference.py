@@ -307,7 +307,12 @@ class InferenceEngine:
         return self._proc is not None and self._proc.poll() is None
 
     def _crashed(self, doing: str) -> WorkerCrashedError:
-        code = None if self._proc is None else self._proc.poll()
+        code = None
+        if self._proc is not None:
+            try:
+                code = self._proc.wait(timeout=5)
+            except Exception:
+                code = self._proc.poll()
         why = "killed (out of memory?)" if code is not None and code < 0 else f"exit code {code}"
         self.close(kill=True)
         return WorkerCrashedError(
@@ -344,6 +349,11 @@ class InferenceEngine:
                 self.close(kill=True)
                 if name in ("MaeprobeInputError", "WeightsNotFoundError", "NoCellsFoundError"):
                     raise MaeprobeInputError(message)
+                if name == "ValueError":  # the model refused the input (size, channels)
+                    raise MaeprobeInputError(
+                        f"{self.config.model}: {message}",
+                        "give crops of the model's input size and channel range (maeprobe models)",
+                    )
                 raise WorkerCrashedError(f"{doing} failed in the worker: {name}: {message}")
             return kind, payload
 

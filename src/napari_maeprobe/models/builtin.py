@@ -112,4 +112,8 @@ register_model(
         has_decoder=True,
     )
 )
-from . import mae3d  # noqa: E402,F401  (registers mae3d)
+from . import (  # noqa: E402,F401  (register vit-mae and dinov2)
+    dinov2,
+    mae3d,  # noqa: E402,F401  (registers mae3d)
+    vitmae,
+)

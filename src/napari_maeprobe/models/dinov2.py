@@ -241,12 +241,15 @@ def build_dinov2(
 ) -> DINOv2:
     """DINOv2 from a checkpoint, or the ViT-B/14 architecture with random weights
     (``state=None``; ``arch`` may then shrink it: ``patch_size``, ``hidden_size``, ``depth``,
-    ``mlp_dim``, ``pos_grid``)."""
+    ``mlp_dim``, ``pos_grid``; with a checkpoint these are read from its shapes and ignored)."""
+    # any channel count and any multiple of 14 work: accepted for symmetry with vit-mae, unused
+    arch.pop("in_chans", None)
+    arch.pop("img_size", None)
+    known = {"patch_size", "hidden_size", "depth", "mlp_dim", "pos_grid", "init_values"}
+    bad = set(arch) - known
+    if bad:
+        raise ValueError(f"unknown DINOv2 options {sorted(bad)}")
     if state is None:
-        known = {"patch_size", "hidden_size", "depth", "mlp_dim", "pos_grid", "init_values"}
-        bad = set(arch) - known
-        if bad:
-            raise ValueError(f"unknown DINOv2 options {sorted(bad)}")
         dim = arch.pop("hidden_size", 768)
         arch.setdefault("mlp_dim", 4 * dim)
         model = DINOv2(embed_dim=dim, heads=heads or max(1, dim // 64), pool=pool, **arch)

@@ -112,7 +112,12 @@ def create_model(
         state = load_state_dict(path)
         metadata = _file_metadata(path)
     try:
-        model = spec.build(state, metadata, **options)
+        if state is None:  # random init: the same weights in every process
+            with torch.random.fork_rng():
+                torch.manual_seed(0)
+                model = spec.build(state, metadata, **options)
+        else:
+            model = spec.build(state, metadata, **options)
     except (KeyError, RuntimeError, ValueError) as exc:
         if state is None:
             raise

@@ -522,17 +522,17 @@ def build_vitmae(
     """ViT-MAE from a Hugging Face or timm/MAE checkpoint, or the ViT-B/16 architecture with
     random weights (``state=None``; ``arch`` may then shrink it: ``patch_size``,
     ``hidden_size``, ``depth``, ``mlp_dim``, ``decoder``, ``decoder_dim``, ``decoder_depth``,
-    ``decoder_mlp_dim``)."""
+    ``decoder_mlp_dim``; with a checkpoint these are read from its shapes and ignored)."""
     if adapt not in ("zero", "tile"):
         raise ValueError(f"adapt must be 'zero' or 'tile', got {adapt!r}")
     if in_chans < 1:
         raise ValueError(f"in_chans must be >= 1, got {in_chans}")
+    known = {"patch_size", "hidden_size", "depth", "mlp_dim", "decoder", "decoder_dim",
+             "decoder_depth", "decoder_mlp_dim", "eps"}  # fmt: skip
+    bad = set(arch) - known
+    if bad:
+        raise ValueError(f"unknown ViT-MAE options {sorted(bad)}")
     if state is None:
-        known = {"patch_size", "hidden_size", "depth", "mlp_dim", "decoder", "decoder_dim",
-                 "decoder_depth", "decoder_mlp_dim", "eps"}  # fmt: skip
-        bad = set(arch) - known
-        if bad:
-            raise ValueError(f"unknown ViT-MAE options {sorted(bad)}")
         dim = arch.pop("hidden_size", 768)
         arch.setdefault("mlp_dim", 4 * dim)
         ddim = arch.get("decoder_dim", 512)
