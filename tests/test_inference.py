@@ -71,6 +71,9 @@ def test_masking_and_reconstruction_through_the_engine(crops):
     np.testing.assert_allclose(r.reconstruction[visible], crops[:4][visible], atol=1e-5)
     (again,) = list(InferenceEngine(cfg, in_process=True).embed(crops[:4]))
     np.testing.assert_array_equal(again.mask, r.mask)  # same seed, same mask
+    cfg.batch_size = 1  # ... whatever the batching
+    single = list(InferenceEngine(cfg, in_process=True).embed(crops[:4]))
+    np.testing.assert_array_equal(np.concatenate([s.mask for s in single]), r.mask)
 
 
 def test_cancel_stops_the_worker(crops):

@@ -190,15 +190,22 @@ class _Runner:
         else:
             x = x.to(self.device, non_blocking=True).float()
         grid = self.model.token_grid(tuple(x.shape[1:]))
-        mask = make_mask(
-            cfg.masking,
-            grid,
-            x.shape[0],
-            cfg.mask_ratio,
-            cfg.tau,
-            boundary,
-            seed=cfg.seed + int(index[0]),
-        )
+        mask = None
+        if cfg.masking != "none":  # one seed per crop: a crop's mask does not depend on batching
+            mask = torch.stack(
+                [
+                    make_mask(
+                        cfg.masking,
+                        grid,
+                        1,
+                        cfg.mask_ratio,
+                        cfg.tau,
+                        None if boundary is None else boundary[i : i + 1],
+                        seed=cfg.seed * 1_000_003 + int(crop),
+                    )[0]
+                    for i, crop in enumerate(index)
+                ]
+            )
         with torch.inference_mode():
             out = self.forward(
                 x,
