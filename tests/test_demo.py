@@ -10,23 +10,9 @@ import pytest
 import tifffile
 
 from napari_maeprobe.demo import run_demo, show_demo
+from napari_maeprobe.preprocessing import PATCH_COLUMNS
 
-OBS_COLUMNS = [
-    "dataset",
-    "image",
-    "cell_id",
-    "channel",
-    "patch_row",
-    "patch_col",
-    "patch_z",
-    "centroid_y",
-    "centroid_x",
-    "centroid_z",
-    "patch_intensity",
-    "foreground",
-    "central",
-    "boundary_fraction",
-]
+OBS_COLUMNS = [c for c in PATCH_COLUMNS if c != "crop_index"]
 
 
 @pytest.fixture(scope="module")

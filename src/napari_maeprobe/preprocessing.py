@@ -307,21 +307,24 @@ def patch_table(
         table["foreground"] = otsu_foreground(table["patch_intensity"].to_numpy())
     table["channel"] = table["channel"].astype("string")
     table["patch_z"] = table["patch_z"].astype("Int64")
-    order = [
-        "dataset",
-        "image",
-        "cell_id",
-        "crop_index",
-        "channel",
-        "patch_row",
-        "patch_col",
-        "patch_z",
-        "centroid_y",
-        "centroid_x",
-        "centroid_z",
-        "patch_intensity",
-        "foreground",
-        "central",
-        "boundary_fraction",
-    ]
-    return table[order]
+    return table[list(PATCH_COLUMNS)]
+
+
+#: the patch table's columns, in order (the observation columns of the export, plus crop_index)
+PATCH_COLUMNS = (
+    "dataset",
+    "image",
+    "cell_id",
+    "crop_index",
+    "channel",
+    "patch_row",
+    "patch_col",
+    "patch_z",
+    "centroid_y",
+    "centroid_x",
+    "centroid_z",
+    "patch_intensity",
+    "foreground",
+    "central",
+    "boundary_fraction",
+)

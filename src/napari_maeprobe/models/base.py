@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from dataclasses import dataclass, field
 
 import torch
@@ -64,14 +65,15 @@ class MaeprobeModel(nn.Module):
             grid.append(s // p)
         return ((shape[0],) if self.channel_agnostic else ()) + tuple(grid)
 
-    def forward(  # noqa: D102
+    @abstractmethod
+    def forward(
         self,
         x: torch.Tensor,
         mask: torch.Tensor | None = None,
         attention: bool = False,
         reconstruction: bool = False,
     ) -> ModelOutput:
-        raise NotImplementedError
+        """Embed ``x`` (B, C, [Z,] Y, X); ``mask`` is (B, *token_grid) bool, True = masked."""
 
 
 def patchify(x: torch.Tensor, patch: tuple[int, ...]) -> torch.Tensor:

@@ -116,66 +116,28 @@ class CAMAEDecoder(nn.Module):
 
 
 class CAMAE(MaeprobeModel):
-    """Channel-agnostic MAE: 1 to ``max_channels`` channels at ``img_size`` x ``img_size``."""
+    """Channel-agnostic MAE: 1 to ``max_channels`` channels at ``img_size`` x ``img_size``.
+
+    ``backbone`` keywords are those of :class:`ChannelAgnosticViT` (its defaults: OpenPhenom's
+    ViT-S/16 at 256); ``decoder`` (``dict(dim, depth, heads)``) adds our light decoder.
+    """
 
     channel_agnostic = True
 
-    def __init__(
-        self,
-        img_size: int = 256,
-        patch_size: int = 16,
-        embed_dim: int = 384,
-        depth: int = 12,
-        num_heads: int = 6,
-        mlp_ratio: float = 4.0,
-        max_channels: int = 11,
-        block: str = "parallel",
-        init_values: float | None = 1e-4,
-        legacy_bias: bool = True,
-        decoder: dict | None = None,
-    ) -> None:
+    def __init__(self, decoder: dict | None = None, **backbone) -> None:
         super().__init__()
-        self.patch_size = (patch_size, patch_size)
-        self.embed_dim = embed_dim
-        self.img_size = img_size
-        self.config = dict(
-            img_size=img_size,
-            patch_size=patch_size,
-            embed_dim=embed_dim,
-            depth=depth,
-            num_heads=num_heads,
-            mlp_ratio=mlp_ratio,
-            max_channels=max_channels,
-            block=block,
-            init_values=init_values,
-            legacy_bias=legacy_bias,
-            decoder=decoder,
-        )
-        self.encoder = CAMAEEncoder(
-            img_size=img_size,
-            patch_size=patch_size,
-            embed_dim=embed_dim,
-            depth=depth,
-            num_heads=num_heads,
-            mlp_ratio=mlp_ratio,
-            max_channels=max_channels,
-            block=block,
-            init_values=init_values,
-            legacy_bias=legacy_bias,
-        )
+        self.encoder = CAMAEEncoder(**backbone)
+        vit = self.encoder.vit_backbone
+        self.patch_size = (vit.patch, vit.patch)
+        self.embed_dim = int(vit.cls_token.shape[-1])
+        self.img_size = vit.img_size
+        self.config = dict(backbone, decoder=decoder)
         self.mp_decoder = (
-            CAMAEDecoder(
-                embed_dim,
-                decoder["dim"],
-                decoder["depth"],
-                decoder["heads"],
-                patch_size,
-                img_size // patch_size,
-                max_channels,
-            )
+            CAMAEDecoder(self.embed_dim, decoder["dim"], decoder["depth"], decoder["heads"],
+                         vit.patch, vit.grid, vit.max_channels)
             if decoder
             else None
-        )
+        )  # fmt: skip
         self.has_decoder = decoder is not None
 
     @property
