@@ -19,6 +19,7 @@ EXAMPLES = {
         "example:\n  maeprobe segment sample_data/cellprofiler_examplehuman_3ch --out out/seg"
     ),
     "demo": "example:\n  maeprobe demo --out out/demo",
+    "models": "example:\n  maeprobe models",
     "train": (
         "example:\n  maeprobe train --data sample_data --out out/my-model.safetensors --steps 500"
     ),
@@ -105,8 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--training-set", type=Path, help="a training set .npz saved earlier")
     train.add_argument("--save-training-set", type=Path, help="write the collected set as .npz")
-    train.add_argument("--out", type=Path, required=True, help="weights file (.safetensors)")
-    train.add_argument("--steps", type=int, default=3000)
+    train.add_argument("--out", type=Path, help="weights file (.safetensors)")
+    train.add_argument("--steps", type=int, default=3000, help="0: only collect the training set")
     train.add_argument("--batch-size", type=int, default=64)
     train.add_argument("--lr", type=float, default=1e-3)
     train.add_argument("--mask-ratio", type=float, default=0.75)
@@ -122,7 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--workers", type=int, default=0, help="processes that cut training crops")
 
-    sub.add_parser("models", help="list the models, their inputs, licences and weights")
+    sub.add_parser(
+        "models", help="list the models, their inputs, licences and weights",
+        epilog=EXAMPLES["models"], formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
     return parser
 
 
@@ -215,6 +219,11 @@ def cmd_train(args) -> int:
         raise MaeprobeInputError("no training data", "pass --data FOLDER... or --training-set FILE")
     if args.save_training_set:
         save_training_set(images, args.save_training_set)
+        print(f"training set: {len(images)} images -> {args.save_training_set}")
+    if args.steps == 0:
+        return 0
+    if args.out is None:
+        raise MaeprobeInputError("no output file for the weights", "pass --out FILE.safetensors")
     device = _device(args.device)
     model = create_model("default", random_init=True)
     cfg = DEFAULT_CONFIG
