@@ -111,3 +111,21 @@ def test_bad_model_and_channels(crops):
     eng = InferenceEngine(EngineConfig(**TINY))
     with pytest.raises(MaeprobeInputError, match="1 to 11 channels"):
         list(eng.embed(np.zeros((2, 12, 96, 96), np.float32)))
+
+
+def test_input_errors_are_not_swallowed_and_closed_engines_say_so(crops):
+    def batches():
+        yield crops[:3]
+        raise FileNotFoundError("crop file vanished")
+
+    eng = InferenceEngine(EngineConfig(**TINY))
+    with pytest.raises(FileNotFoundError, match="vanished"):
+        for _ in eng.embed(batches()):
+            pass
+    with pytest.raises(MaeprobeInputError, match="engine was closed"):
+        list(eng.embed(crops[:2]))
+
+
+def test_unusable_device_is_an_input_error():
+    with pytest.raises(MaeprobeInputError, match="'cuda:7' was asked for but is not usable"):
+        InferenceEngine(EngineConfig(**TINY, device="cuda:7"))

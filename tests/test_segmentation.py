@@ -63,7 +63,7 @@ def test_3d_nuclei_match_shipped_labels():
     im, ref = load_sample("nuclei3d")
     seg = segment(im, "builtin")
     assert seg.labels.shape == (60, 256, 256)
-    assert matched_fraction(seg.labels, ref) >= 0.9  # measured 1.0 (all 20 nuclei)
+    assert matched_fraction(seg.labels, ref) >= 0.9  # measured 0.95 (19 of 20 nuclei)
 
 
 def test_matched_fraction_is_exact_on_itself_and_zero_on_shifted():

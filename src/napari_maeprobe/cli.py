@@ -224,7 +224,9 @@ def cmd_train(args) -> int:
         return 0
     if args.out is None:
         raise MaeprobeInputError("no output file for the weights", "pass --out FILE.safetensors")
-    device = _device(args.device)
+    from .inference import resolve_device
+
+    device = resolve_device(args.device)
     model = create_model("default", random_init=True)
     cfg = DEFAULT_CONFIG
     sampler = CropSampler(images, cfg["img_size"], cfg["patch_size"], 6, seed=args.seed)
@@ -262,16 +264,6 @@ def cmd_train(args) -> int:
     print(json.dumps({k: v for k, v in info.items() if k != "images"}))
     print(f"weights: {args.out}; curve: {curve_path}")
     return 0
-
-
-def _device(choice: str) -> str:
-    import torch
-
-    if choice != "auto":
-        return choice
-    if torch.cuda.is_available():
-        return "cuda"
-    return "mps" if torch.backends.mps.is_available() else "cpu"
 
 
 def cmd_models(args) -> int:

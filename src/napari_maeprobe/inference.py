@@ -1,14 +1,16 @@
 """The inference engine: runs a registered model over batches of crops in a worker process.
 
 - Device ``auto`` picks CUDA, then MPS, then the CPU; precision ``auto`` picks bfloat16 on CUDA
-  and on CPUs with native bfloat16 (oneDNN), float32 otherwise. Reduced precision converts the
-  weights (faster than autocast, which re-casts them every batch: 16% on ViT-B/16 here);
-  attention softmax and the pooled outputs stay in float32.
-- Batches are sized to the device (``batch_size=None``) and halved on out-of-memory.
+  (float16 on GPUs without it) and on CPUs with native bfloat16 (oneDNN), float32 otherwise.
+  Reduced precision converts the weights (16% faster than autocast on ViT-B/16 here, which
+  re-casts them every batch); attention softmax and the pooled outputs stay in float32.
+- Batches are sized inside the worker (``batch_size=None``: from free memory on a GPU) and
+  halved on out-of-memory.
 - Attention maps use the explicit softmax path only when asked for; embeddings use fused
   attention.
-- The model lives in a separate process (``spawn``), so a crash or an out-of-memory kill in the
-  model cannot take down napari or the caller: it comes back as :class:`WorkerCrashedError`.
+- The model lives in a separate process (a fresh interpreter), so a crash or an out-of-memory
+  kill in the model cannot take down napari or the caller: it comes back as
+  :class:`WorkerCrashedError`.
 - Results stream out batch by batch (:class:`BatchResult`), with progress callbacks and
   cancellation (the callback returns ``False``).
 """
@@ -53,6 +55,7 @@ class EngineConfig:
     random_init: bool = False
     threads: int | None = None
     compile: bool = False  # torch.compile with frozen weights: ~15% faster after ~30 s of compiling
+    imports: tuple[str, ...] = ()  # modules that register extra models (imported in the worker)
 
 
 @dataclass
@@ -90,10 +93,22 @@ def resolve_device(choice: str = "auto") -> str:
         if torch.cuda.is_available():
             return "cuda"
         return "mps" if torch.backends.mps.is_available() else "cpu"
-    if choice.startswith("cuda") and not torch.cuda.is_available():
+    try:
+        dev = torch.device(choice)
+    except RuntimeError as exc:
         raise MaeprobeInputError(
-            "device 'cuda' was asked for but no CUDA GPU is usable here",
-            "use --device cpu (or auto)",
+            f"unknown device {choice!r}", "use auto, cpu, cuda or mps"
+        ) from exc
+    usable = {
+        "cpu": True,
+        "cuda": torch.cuda.is_available()
+        and (dev.index is None or dev.index < torch.cuda.device_count()),
+        "mps": torch.backends.mps.is_available(),
+    }.get(dev.type, False)
+    if not usable:
+        raise MaeprobeInputError(
+            f"device {choice!r} was asked for but is not usable on this machine",
+            "use --device auto (or cpu)",
         )
     return choice
 
@@ -142,7 +157,12 @@ class _Runner:
 
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
+        import importlib
+
+        for module in cfg.imports:  # the worker is a fresh interpreter: register extra models
+            importlib.import_module(module)
         self.cfg = cfg
+        self._sizes: dict[tuple, int] = {}
         self.device = resolve_device(cfg.device)
         self.precision = resolve_precision(cfg.precision, self.device)
         self.model = (
@@ -177,6 +197,21 @@ class _Runner:
             self.device,
             self.precision,
         )
+
+    def batch_size(self, shape: tuple[int, ...], n: int) -> int:
+        """The batch for crops of ``shape``: the configured one, or what fits (remembered)."""
+        if self.cfg.batch_size:
+            return self.cfg.batch_size
+        key = tuple(shape)
+        if key not in self._sizes:
+            self._sizes[key] = default_batch_size(self.model, key, self.device)
+        return min(self._sizes[key], max(n, 1))
+
+    def shrink_batch(self, shape: tuple[int, ...], size: int) -> int:
+        """Halve (and remember) the batch for ``shape`` after an out-of-memory error."""
+        self._sizes[tuple(shape)] = max(1, size // 2)
+        self.cfg.batch_size = None
+        return self._sizes[tuple(shape)]
 
     def run(self, index: np.ndarray, crops: np.ndarray, boundary: np.ndarray | None) -> BatchResult:
         import torch
@@ -260,25 +295,35 @@ def worker_main(read_fd: int, write_fd: int) -> None:
 
 
 def _run_with_oom_retry(runner: _Runner, index, crops, boundary) -> list[BatchResult]:
-    """Run a batch; on GPU out-of-memory split it in halves (down to one crop)."""
+    """Run crops in batches the device holds; on GPU out-of-memory, halve the batch and retry
+    (outside the ``except``, so the failed batch's tensors are freed first)."""
     import torch
 
-    try:
-        return [runner.run(index, crops, boundary)]
-    except torch.OutOfMemoryError:
-        if len(index) == 1:
-            raise
-        torch.cuda.empty_cache()
-        h = len(index) // 2
-        b1 = None if boundary is None else boundary[:h]
-        b2 = None if boundary is None else boundary[h:]
-        return _run_with_oom_retry(runner, index[:h], crops[:h], b1) + _run_with_oom_retry(
-            runner, index[h:], crops[h:], b2
-        )
+    size = runner.batch_size(crops.shape[1:], len(index))
+    out: list[BatchResult] = []
+    start = 0
+    while start < len(index):
+        stop = min(start + size, len(index))
+        b = None if boundary is None else boundary[start:stop]
+        oom = False
+        try:
+            out.append(runner.run(index[start:stop], crops[start:stop], b))
+        except torch.OutOfMemoryError:
+            if size == 1:
+                raise
+            oom = True
+        if oom:
+            torch.cuda.empty_cache()
+            size = runner.shrink_batch(crops.shape[1:], size)
+            continue
+        start = stop
+    return out
 
 
-def _describe(exc: BaseException) -> tuple[str, str, str]:
-    return (type(exc).__name__, str(exc), traceback.format_exc())
+def _describe(exc: BaseException) -> tuple[str, str, str | None, str]:
+    """(class name, problem, fix, traceback) of an exception, to rebuild it in the caller."""
+    problem = getattr(exc, "problem", str(exc))
+    return (type(exc).__name__, problem, getattr(exc, "fix", None), traceback.format_exc())
 
 
 class InferenceEngine:
@@ -294,6 +339,7 @@ class InferenceEngine:
         self.in_process = in_process
         self._runner: _Runner | None = None
         self._proc = None
+        self._closed = False
         if in_process:
             self._runner = _Runner(config)
             self.info = self._runner.info
@@ -359,10 +405,12 @@ class InferenceEngine:
             except (EOFError, OSError):
                 raise self._crashed(doing) from None
             if kind == "error":
-                name, message, _tb = payload
+                name, message, fix, _tb = payload
                 self.close(kill=True)
                 if name in ("MaeprobeInputError", "WeightsNotFoundError", "NoCellsFoundError"):
-                    raise MaeprobeInputError(message)
+                    from . import errors
+
+                    raise getattr(errors, name)(message, fix)
                 if name == "ValueError":  # the model refused the input (size, channels)
                     raise MaeprobeInputError(
                         f"{self.config.model}: {message}",
@@ -383,6 +431,11 @@ class InferenceEngine:
         ``boundary``: per-patch boundary fractions (N, *spatial grid) for boundary-guided masking.
         Yields results batch by batch, in input order.
         """
+        if self._closed:
+            raise MaeprobeInputError(
+                "this inference engine was closed (cancelled, or its worker stopped)",
+                "create a new InferenceEngine",
+            )
         batches = self._batches(crops, boundary)
         n_total = (
             total if total is not None else (len(crops) if isinstance(crops, np.ndarray) else 0)
@@ -397,9 +450,10 @@ class InferenceEngine:
                 report(progress, done, max(n_total, done), "embedding")
             return
         import threading
+        from multiprocessing.reduction import ForkingPickler
 
         sent: queue.Queue = queue.Queue()
-        failure: list[BaseException] = []
+        failure: list[BaseException] = []  # an error reading or packing the input
         stop = threading.Event()
 
         def sender() -> None:  # sends while the main thread receives: no pipe deadlock
@@ -407,8 +461,12 @@ class InferenceEngine:
                 for item in batches:
                     if stop.is_set():
                         return
+                    payload = bytes(ForkingPickler.dumps(item))
                     sent.put(len(item[0]))
-                    self._to_worker.send(item)
+                    try:
+                        self._to_worker.send_bytes(payload)
+                    except (BrokenPipeError, OSError):
+                        return  # the worker died: the receiving side reports it
             except BaseException as exc:
                 failure.append(exc)
             finally:
@@ -425,7 +483,7 @@ class InferenceEngine:
                     done += len(res.index)
                     yield res
                 report(progress, done, max(n_total, done), "embedding")
-            if failure and not isinstance(failure[0], (BrokenPipeError, OSError)):
+            if failure:
                 raise failure[0]
         except BaseException:
             stop.set()
@@ -453,20 +511,15 @@ class InferenceEngine:
                 yield idx, batch, b
 
     def _auto_batch(self, shape) -> int:
+        """Crops sent at a time. The runner splits them into batches that fit its device (sized
+        from free GPU memory, halved on out-of-memory), so this only bounds what is in flight."""
         if self._runner is not None:
-            return default_batch_size(self._runner.model, tuple(shape), self.info.device)
-        tokens = int(
-            np.prod(
-                [s // p for s, p in zip(shape[-len(self.info.patch_size) :], self.info.patch_size)]
-            )
-        )
-        tokens *= shape[0] if self.info.channel_agnostic else 1
-        if self.info.device.startswith("cuda"):
-            return 256
-        return int(max(1, min(64, 200_000 // max(tokens, 1))))
+            return self._runner.batch_size(tuple(shape), 1 << 30)
+        return 1024 if self.info.device.startswith("cuda") else 64
 
     def close(self, kill: bool = False) -> None:
         """Stop the worker (politely, or at once with ``kill``)."""
+        self._closed = self._runner is None
         proc, self._proc = self._proc, None
         if proc is None:
             return

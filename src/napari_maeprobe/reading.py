@@ -41,10 +41,13 @@ _RGB_PLANE = {"red": 0, "green": 1, "blue": 2, "yellow": 0}
 
 
 def is_supported(path: str | Path) -> bool:
-    """Whether :func:`read_images` can open ``path`` (a supported file, OME-Zarr or a folder)."""
+    """Whether :func:`read_images` can open ``path``: a supported file, an OME-Zarr, or a folder
+    that holds image files."""
     p = Path(path)
     if p.is_dir():
-        return True
+        return _is_ome_zarr(p) or any(
+            f.is_file() and f.name.lower().endswith(IMAGE_EXTS) for f in p.iterdir()
+        )
     return p.name.lower().endswith(IMAGE_EXTS) or p.name.lower().endswith(".zarr")
 
 
@@ -267,7 +270,14 @@ def _check_tiff_complete(tif, path: Path, messages: list[str]) -> None:
         counts = getattr(page, "databytecounts", ()) or ()
         for off, cnt in zip(offsets, counts):
             needed = max(needed, int(off) + int(cnt))
-    broken = [m for m in messages if re.search(r"out of range|corrupt|truncat|invalid", m, re.I)]
+    # only warnings that mean missing data (tifffile also warns on harmless odd tags)
+    broken = [
+        m
+        for m in messages
+        if re.search(
+            r"truncat|out of (range|bounds)|beyond end|invalid (page |ifd )?offset", m, re.I
+        )
+    ]
     if needed > size or broken:
         detail = (
             f"it has {size} bytes but its pixel data need {needed}" if needed > size else broken[0]
@@ -447,9 +457,9 @@ def _probe(path: Path) -> _FileInfo:
             logging.getLogger("tifffile").removeHandler(handler)
         single = len(shape) == 2 or (len(shape) == 3 and axes.endswith("S") and shape[-1] in (3, 4))
         return _FileInfo(path, shape, dtype, single)
-    if name.endswith(".npy"):
+    if name.endswith(".npy"):  # opened as a whole image, never grouped as one channel
         arr = _read_npy(path, None).data
-        return _FileInfo(path, tuple(arr.shape), arr.dtype, arr.shape[0] == 1)
+        return _FileInfo(path, tuple(arr.shape), arr.dtype, False)
     plane = _plane_file(path)
     return _FileInfo(path, plane.shape, plane.dtype, True)
 
@@ -517,7 +527,18 @@ def group_channel_files(
     """
     files = sorted(files, key=lambda f: _natural_key(f.name))
     if channel_pattern:
-        rx = re.compile(channel_pattern)
+        try:
+            rx = re.compile(channel_pattern)
+        except re.error as exc:
+            raise MaeprobeInputError(
+                f"the channel pattern {channel_pattern!r} is not a valid regex ({exc})",
+                "fix the pattern, e.g. '-(?P<channel>ch\\d+)'",
+            ) from exc
+        if rx.groups == 0:
+            raise MaeprobeInputError(
+                f"the channel pattern {channel_pattern!r} has no group",
+                "put the channel part in a group named 'channel', e.g. '-(?P<channel>ch\\d+)'",
+            )
         groups: dict[str, list[tuple[Path, str]]] = defaultdict(list)
         for f in files:
             m = rx.search(f.stem)

@@ -34,6 +34,9 @@ CELL_PATTERNS = (
 THRESHOLD_DEFAULT = "otsu"
 #: seeds: h-maxima of the (smoothed) distance transform, h = SEED_H x nucleus diameter
 SEED_H = 0.05
+#: 3D distance maps of textured nuclei have more shallow maxima: a deeper h (measured on the
+#: 3D nuclei stack: 0.05 -> 142 objects for 20 nuclei, 0.25 -> 36 objects, 19 of 20 matched)
+SEED_H_3D = 0.25
 DIST_SIGMA = 0.5
 #: whole cells: nuclei grown by GROW x nucleus diameter
 GROW = 0.5
@@ -199,12 +202,13 @@ def segment_builtin(
         raise NoCellsFoundError(
             "no nuclei stand out from the background", "check the nucleus channel"
         )
-    dist = ndimage.distance_transform_edt(fg, sampling=spacing)
+    dist = ndimage.distance_transform_edt(fg, sampling=rel)  # in pixels of the finest axis
     dist = ndimage.gaussian_filter(dist, sigma=DIST_SIGMA / rel)
-    markers, _ = ndimage.label(h_maxima(dist, max(0.5, SEED_H * diameter)))
+    h = (SEED_H_3D if nd == 3 else SEED_H) * diameter
+    markers, _ = ndimage.label(h_maxima(dist, max(0.5, h)))
     nuclei = watershed(-dist, markers, mask=fg)
     nuclei = _remove_small(nuclei, min_size)
-    nuclei = _add_intensity_seeds(nucleus, smooth, fg, nuclei, rel, spacing, min_size)
+    nuclei = _add_intensity_seeds(nucleus, smooth, fg, nuclei, rel, min_size)
     if cell is None:  # a nucleus stain only: the nuclei are the objects
         cells = nuclei
     else:
@@ -226,7 +230,7 @@ def segment_builtin(
     return cells
 
 
-def _add_intensity_seeds(nucleus, smooth, fg, nuclei, rel, spacing, min_size) -> np.ndarray:
+def _add_intensity_seeds(nucleus, smooth, fg, nuclei, rel, min_size) -> np.ndarray:
     """Split nuclei that hold two or more intensity blobs and add dim nuclei the threshold missed.
 
     Touching nuclei without a neck between them defeat the distance-transform seeds, and a
@@ -268,7 +272,7 @@ def _add_intensity_seeds(nucleus, smooth, fg, nuclei, rel, spacing, min_size) ->
     per_obj = np.bincount(at, minlength=areas.size)
     split = per_obj >= 2
     split[0] = False
-    dist_out = ndimage.distance_transform_edt(nuclei == 0, sampling=spacing)
+    dist_out = ndimage.distance_transform_edt(nuclei == 0, sampling=rel)
     new = split[at] | ((at == 0) & (dist_out[tuple(peaks.T)] >= NEW_GAP * d))
     if not new.any():
         return nuclei

@@ -111,14 +111,22 @@ def save_training_set(images: list[TrainingImage], path: Path) -> None:
 
 
 def load_training_set(path: Path) -> list[TrainingImage]:
-    z = np.load(path, allow_pickle=False)
+    """Read a training set written by :func:`save_training_set`."""
+    from .errors import MaeprobeInputError
+
+    if not Path(path).is_file():
+        raise MaeprobeInputError(
+            f"training set {path} does not exist",
+            "write one with --save-training-set, or pass --data FOLDER",
+        )
     images = []
-    for i, name in enumerate(z["names"]):
-        b = None
-        if f"boundary_{i}" in z:
-            shape = tuple(z[f"bshape_{i}"])
-            b = np.unpackbits(z[f"boundary_{i}"], axis=-1)[..., : shape[-1]].astype(bool)
-        images.append(TrainingImage(str(name), z[f"data_{i}"], b, z[f"centres_{i}"]))
+    with np.load(path, allow_pickle=False) as z:
+        for i, name in enumerate(z["names"]):
+            b = None
+            if f"boundary_{i}" in z:
+                shape = tuple(z[f"bshape_{i}"])
+                b = np.unpackbits(z[f"boundary_{i}"], axis=-1)[..., : shape[-1]].astype(bool)
+            images.append(TrainingImage(str(name), z[f"data_{i}"], b, z[f"centres_{i}"]))
     return images
 
 
@@ -129,6 +137,13 @@ class CropSampler:
     def __init__(
         self, images: list[TrainingImage], size: int, patch: int, max_channels: int, seed: int = 0
     ) -> None:
+        if not images:
+            from .errors import MaeprobeInputError
+
+            raise MaeprobeInputError(
+                "no usable training images were found",
+                "pass folders that contain microscopy images (--data)",
+            )
         self.images = images
         self.size = size
         self.patch = patch

@@ -105,6 +105,14 @@ def prepare_patches(
 
 def write_segmentation_outputs(segmented: list[SegmentedImage], out_dir: Path) -> pd.DataFrame:
     """Write ``<image>_labels.tif`` and ``<image>_boundary.tif`` per image; return a summary."""
+    names = [s.image.name for s in segmented]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise MaeprobeInputError(
+            f"several inputs are named {', '.join(twice)}: their outputs would overwrite "
+            "each other",
+            "segment them into separate --out folders, or rename the files",
+        )
     rows = []
     for s in segmented:
         write_labels(out_dir / f"{s.image.name}_labels.tif", s.segmentation.labels)

@@ -45,7 +45,10 @@ def find_weights_file(path: str | Path) -> Path:
         for name in WEIGHT_FILES:
             if (p / name).is_file():
                 return p / name
-        numbered = sorted(p.glob("checkpoint_*.pth.tar"))  # mae3d-opencell: the latest epoch
+        numbered = sorted(  # mae3d-opencell: the latest epoch
+            p.glob("checkpoint_*.pth.tar"),
+            key=lambda f: int("".join(ch for ch in f.name if ch.isdigit()) or 0),
+        )
         if numbered:
             return numbered[-1]
         raise WeightsNotFoundError(
