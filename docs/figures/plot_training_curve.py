@@ -1,6 +1,6 @@
 """Draw the default model's training curve (docs/figures/default-training-curve.png).
 
-Run: .venv/bin/python docs/figures/plot_training_curve.py [CURVE.csv]
+Run: .venv/bin/python docs/figures/plot_training_curve.py [CURVE.csv [BATCH]]
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import pandas as pd  # noqa: E402
 HERE = Path(__file__).parent
 
 
-def main(curve: Path = HERE / "default-training-curve.csv") -> Path:
+def main(curve: Path = HERE / "default-training-curve.csv", batch: int = 48) -> Path:
     c = pd.read_csv(curve)
     fig, ax = plt.subplots(figsize=(7, 3.6), dpi=120)
     for kind, colour in (("random", "tab:blue"), ("boundary", "tab:orange")):
@@ -26,7 +26,7 @@ def main(curve: Path = HERE / "default-training-curve.csv") -> Path:
         ax.plot(part.step, part.mse.rolling(50, min_periods=5).mean(), color=colour,
                 label=f"{kind} masking (50-step mean)")
     ax.axhline(1.0, color="grey", lw=0.8, ls="--", label="predicting the mean")
-    ax.set_xlabel("step (batch of 32 crops, 96 x 96, 1-6 channels)")
+    ax.set_xlabel(f"step (batch of {batch} crops, 96 x 96, 1-6 channels)")
     ax.set_ylabel("masked-patch MSE (standardised)")
     ax.set_ylim(0, 2)
     ax.legend(frameon=False, fontsize=8)
@@ -38,4 +38,5 @@ def main(curve: Path = HERE / "default-training-curve.csv") -> Path:
 
 
 if __name__ == "__main__":
-    print(main(*(Path(a) for a in sys.argv[1:])))
+    args = sys.argv[1:]
+    print(main(Path(args[0]), int(args[1])) if len(args) > 1 else main(*map(Path, args)))
