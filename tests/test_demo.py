@@ -47,9 +47,36 @@ def test_demo_writes_labels_boundaries_and_patch_table(demo):
     cp = patches[patches.dataset == "alsf_cellpainting_6ch"]
     assert set(cp.channel) == {"Brightfield", "ER", "AGP", "Mito", "DNA", "RNA"}
     n_cells = summary.set_index("dataset").n_cells["alsf_cellpainting_6ch"]
-    assert len(cp) == n_cells * 6 * 36  # 96-px crops, 16-px patches
+    assert len(cp) == n_cells * 6 * 64  # 96-px crops, 12-px patches (the default model's grid)
     assert 0 < patches.boundary_fraction.mean() < 1
     assert not any(p.name.startswith(".") for p in out.rglob("*"))  # no temporary files left
+
+
+def test_demo_embeds_every_2d_cell_at_three_levels(demo):
+    out = demo.out_dir
+    n2d = demo.summary[demo.summary.dataset != "cells3d_nuclei_3d_labels"].n_cells.sum()
+    glob = pd.read_parquet(out / "embeddings_global.parquet")
+    chan = pd.read_parquet(out / "embeddings_channel.parquet")
+    patch = pd.read_parquet(out / "embeddings_patch.parquet")
+    assert len(glob) == n2d and set(glob.level) == {"global"}
+    assert len(chan) == 40 * 6 + 346 * 3 + len(glob[glob.dataset == "imc_bodenmiller_5ch"]) * 5
+    assert len(patch) == len(chan) * 64
+    emb = [f"e{i}" for i in range(144)]
+    for table in (glob, chan, patch):
+        assert set(OBS_COLUMNS) | {"level"} <= set(table.columns)
+        assert np.isfinite(table[emb].to_numpy()).all()
+    assert glob.channel.isna().all() and patch.patch_row.between(0, 7).all()
+    # the patch rows line up with the patch table: same cells, channels and positions
+    key = ["image", "cell_id", "channel", "patch_row", "patch_col"]
+    cp_patches = demo.patches[demo.patches.dataset != "cells3d_nuclei_3d_labels"]
+    pd.testing.assert_frame_equal(
+        patch[key].reset_index(drop=True), cp_patches[key].reset_index(drop=True), check_dtype=False
+    )
+    # the same cell's global embedding is the mean of its patch tokens over channels and grid
+    first = patch[(patch.image == glob.image[0]) & (patch.cell_id == glob.cell_id[0])]
+    np.testing.assert_allclose(first[emb].mean().to_numpy(), glob.loc[0, emb].to_numpy(), atol=1e-4)
+    info = demo.model
+    assert info["model"] == "default" and len(info["weights_sha256"]) == 64
 
 
 @pytest.mark.gui

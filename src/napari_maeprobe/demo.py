@@ -1,7 +1,9 @@
 """``maeprobe demo``: the main job on the bundled sample data.
 
-So far (foundation): open the samples, segment them, compute boundary maps, cut single-cell
-crops and write their patch table. Embedding and analysis join as the model layer lands.
+So far: open the samples, segment them, compute boundary maps, cut single-cell crops, write
+their patch table, and embed every cell of the 2D samples with the bundled default model at
+three levels (global, per channel, per patch). The store, analysis and report join with the
+next issue.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from .samples import load_sample
 from .workflows import (
     SegmentedImage,
     _atomic_write,
+    embed_segmented,
     overlay_png,
     prepare_patches,
     segment_images,
@@ -34,6 +37,8 @@ class DemoResult:
     segmented: list[SegmentedImage]
     summary: pd.DataFrame
     patches: pd.DataFrame
+    embeddings: dict[str, pd.DataFrame]
+    model: dict
 
     def describe(self) -> str:
         lines = []
@@ -47,6 +52,11 @@ class DemoResult:
         lines.append(
             f"patch table: {len(self.patches)} rows (cell x channel x patch), {n_fg} foreground, "
             f"mean boundary fraction {self.patches['boundary_fraction'].mean():.3f}"
+        )
+        sizes = ", ".join(f"{lvl} {len(t)}" for lvl, t in self.embeddings.items())
+        lines.append(
+            f"embeddings ({self.model['model']}, {self.model['embed_dim']}-d, weights sha256 "
+            f"{self.model['weights_sha256'][:12]}...): {sizes} rows"
         )
         return "\n".join(lines)
 
@@ -70,18 +80,25 @@ def run_demo(
             s.boundary,
             s.segmentation.nucleus_channel,
         )
-    patches = prepare_patches(segmented, progress=progress)
+    patches = prepare_patches(segmented, crop_size=96, patch_size=12, progress=progress)
     _atomic_write(out_dir / "patches.parquet", lambda p: patches.to_parquet(p, index=False))
     _atomic_write(out_dir / "patches.csv", lambda p: patches.to_csv(p, index=False))
+    embeddings, model_facts = embed_segmented(segmented, "default", progress=progress)
+    for level, table in embeddings.items():
+        _atomic_write(
+            out_dir / f"embeddings_{level}.parquet", lambda p, t=table: t.to_parquet(p, index=False)
+        )
     write_json(
         out_dir / "demo.json",
         {
             "samples": list(DEMO_SAMPLES),
             "segmentation": summary.to_dict(orient="records"),
             "patch_rows": len(patches),
+            "embeddings": {lvl: len(t) for lvl, t in embeddings.items()},
+            "model": model_facts,
         },
     )
-    return DemoResult(out_dir, segmented, summary, patches)
+    return DemoResult(out_dir, segmented, summary, patches, embeddings, model_facts)
 
 
 def show_demo(result: DemoResult) -> None:

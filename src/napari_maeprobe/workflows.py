@@ -44,6 +44,9 @@ def _atomic_write(path: Path, write) -> None:
     os.close(fd)
     try:
         write(Path(tmp))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes files private; give them the usual mode
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -162,3 +165,85 @@ def require_images(images: list[MicroscopyImage]) -> None:
     """Refuse an empty input list with a clear message."""
     if not images:
         raise MaeprobeInputError("no images to process", "pass at least one image file or folder")
+
+
+#: the observation columns every embedding table carries (docs/contract.md)
+OBS_COLUMNS = (
+    "level", "dataset", "image", "cell_id", "channel", "patch_row", "patch_col", "patch_z",
+    "centroid_y", "centroid_x", "centroid_z", "patch_intensity", "foreground", "central",
+    "boundary_fraction",
+)  # fmt: skip
+
+
+def _with_embeddings(obs: pd.DataFrame, emb: np.ndarray) -> pd.DataFrame:
+    cols = pd.DataFrame(emb.astype(np.float32), columns=[f"e{i}" for i in range(emb.shape[1])])
+    return pd.concat([obs.reset_index(drop=True), cols], axis=1)
+
+
+def embed_segmented(
+    segmented: list[SegmentedImage],
+    model: str = "default",
+    weights: str | None = None,
+    crop_size: int = 96,
+    progress: ProgressCallback | None = None,
+) -> tuple[dict[str, pd.DataFrame], dict]:
+    """Embed every segmented cell of the 2D images at three levels with one model.
+
+    Single-cell crops of ``crop_size`` go through the inference engine (worker process);
+    returns one table per level (``global``, ``channel``, ``patch``: the observation columns
+    plus ``e0``, ``e1``, ...) and the model's facts (name, weights file and sha256). z-stacks
+    are skipped: the 2D models do not take them.
+    """
+    from .inference import LEVELS, EngineConfig, InferenceEngine
+
+    tables: dict[str, list[pd.DataFrame]] = {lvl: [] for lvl in LEVELS}
+    cfg = EngineConfig(model=model, weights=weights, levels=LEVELS)
+    with InferenceEngine(cfg) as engine:
+        info = engine.info
+        for s in segmented:
+            image = s.image
+            if image.is_3d:
+                continue
+            data = normalize(image.to_numpy(), name=image.name, channel_names=image.channel_names)
+            crops = cell_crops(data, s.segmentation.labels, crop_size, image.name,
+                               image.channel_names)  # fmt: skip
+            results = list(engine.embed(crops.crops, progress=progress))
+            glob = np.concatenate([r.global_embedding for r in results])
+            chan = np.concatenate([r.channel_embeddings for r in results])
+            patch = np.concatenate([r.patch_embeddings for r in results])
+            n, n_c = chan.shape[:2]
+            cells = pd.DataFrame({
+                "dataset": image.dataset, "image": image.name, "cell_id": crops.cell_ids,
+                "centroid_y": crops.centroids[:, -2], "centroid_x": crops.centroids[:, -1],
+            })  # fmt: skip
+            tables["global"].append(_with_embeddings(_obs(cells, "global"), glob))
+            per_channel = cells.loc[cells.index.repeat(n_c)].reset_index(drop=True)
+            per_channel["channel"] = list(image.channel_names) * n
+            tables["channel"].append(
+                _with_embeddings(_obs(per_channel, "channel"), chan.reshape(n * n_c, -1))
+            )
+            ptable = patch_table(crops, info.patch_size, per_channel=True, dataset=image.dataset)
+            # the patch table runs channel by channel, then crop, then row and column
+            emb = patch.transpose(1, 0, 2, 3, 4).reshape(-1, patch.shape[-1])
+            tables["patch"].append(_with_embeddings(_obs(ptable, "patch"), emb))
+    facts = dict(
+        model=info.name, weights=info.weights_name, weights_sha256=info.weights_sha256,
+        embed_dim=info.embed_dim, patch_size=list(info.patch_size), precision=info.precision,
+        device=info.device, crop_size=crop_size,
+    )  # fmt: skip
+    return {lvl: pd.concat(t, ignore_index=True) for lvl, t in tables.items() if t}, facts
+
+
+def _obs(frame: pd.DataFrame, level: str) -> pd.DataFrame:
+    """``frame`` with every observation column (missing ones as NA) in contract order."""
+    out = pd.DataFrame({"level": [level] * len(frame)})
+    for col in OBS_COLUMNS[1:]:
+        out[col] = frame[col].to_numpy() if col in frame else pd.NA
+    out["channel"] = out["channel"].astype("string")
+    for col in ("cell_id", "patch_row", "patch_col", "patch_z"):
+        out[col] = out[col].astype("Int64")
+    for col in ("centroid_y", "centroid_x", "centroid_z", "patch_intensity", "boundary_fraction"):
+        out[col] = out[col].astype("Float64")
+    for col in ("foreground", "central"):
+        out[col] = out[col].astype("boolean")
+    return out
