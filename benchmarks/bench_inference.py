@@ -50,7 +50,7 @@ def images_per_second(fn, batch: int, seconds: float = 20.0, warmup: int = 1) ->
     return n / (time.perf_counter() - t0)
 
 
-def hf_loop(batch: int, seconds: float) -> float:
+def hf_stepper(batch: int):
     """What a user would write with transformers: ViTMAEModel, mask_ratio 0, float32."""
     from transformers import ViTMAEConfig, ViTMAEModel
 
@@ -61,39 +61,49 @@ def hf_loop(batch: int, seconds: float) -> float:
         with torch.no_grad():
             model(pixel_values=x).last_hidden_state[:, 1:].mean(1)
 
-    return images_per_second(step, batch, seconds)
+    return step, batch, batch
 
 
-def engine_rate(
+def engine_stepper(
     model: str,
     shape: tuple,
     precision: str,
-    batch: int,
-    seconds: float,
     options: dict | None = None,
     random_init: bool = True,
     compile: bool = False,
-) -> float:
+):
+    """A step that embeds a few batches through the engine at its own batch size."""
     cfg = EngineConfig(
         compile=compile,
         model=model,
         random_init=random_init,
         precision=precision,
-        batch_size=batch,
         levels=("global", "channel", "patch"),
         model_options=options or {},
     )
     eng = InferenceEngine(cfg, in_process=True)
-    x = np.random.default_rng(0).random((batch, *shape), dtype=np.float32)
+    batch = eng.batch_size_for(shape)
+    n = batch * max(1, 32 // batch)  # a few batches per call, as a stream of crops would be
+    x = np.random.default_rng(0).random((n, *shape), dtype=np.float32)
 
     def step():
         for _ in eng.embed(x):
             pass
 
-    return images_per_second(step, batch, seconds)
+    step()  # warm-up (and compilation)
+    return step, n, batch
 
 
-def run(seconds: float = 20.0) -> tuple[str, list]:
+def interleaved(steppers: list, seconds: float, rounds: int) -> list[float]:
+    """Median images/s of each stepper over ``rounds`` interleaved runs (this VM is noisy)."""
+    rates: list[list[float]] = [[] for _ in steppers]
+    for _ in range(rounds):
+        for i, (step, n, _) in enumerate(steppers):
+            rates[i].append(images_per_second(step, n, seconds, warmup=0))
+    return [float(np.median(r)) for r in rates]
+
+
+def run(seconds: float = 8.0, rounds: int = 3) -> tuple[str, list]:
     torch.manual_seed(0)
     ceil32 = matmul_ceiling(torch.float32)
     ceil16 = matmul_ceiling(torch.bfloat16)
@@ -106,7 +116,6 @@ def run(seconds: float = 20.0) -> tuple[str, list]:
             "vit-mae",
             (3, 224, 224),
             {},
-            16,
             vit_gflop(197, 768, 12, 16 * 16 * 3),
             True,
         ),
@@ -115,7 +124,6 @@ def run(seconds: float = 20.0) -> tuple[str, list]:
             "ca-mae",
             (6, 256, 256),
             {},
-            4,
             vit_gflop(1 + 6 * 256, 384, 12, 16 * 16),
             True,
         ),
@@ -124,7 +132,6 @@ def run(seconds: float = 20.0) -> tuple[str, list]:
             "default",
             (6, d["img_size"], d["img_size"]),
             {},
-            32,
             vit_gflop(
                 1 + 6 * (d["img_size"] // d["patch_size"]) ** 2,
                 d["embed_dim"],
@@ -134,28 +141,32 @@ def run(seconds: float = 20.0) -> tuple[str, list]:
             not DEFAULT_WEIGHTS.is_file(),
         ),
     ]
-    hf = hf_loop(16, seconds)
-    rows = [
-        (
-            "transformers ViTMAEModel loop (fp32), ViT-B/16 3 x 224",
-            "fp32",
-            hf,
-            vit_gflop(197, 768, 12, 768),
-            16,
-        )
-    ]
-    for title, name, shape, opts, batch, gflop, rand in cases:
-        for prec in ("fp32", "bf16"):
-            rate = engine_rate(name, shape, prec, batch, seconds, opts, rand)
-            rows.append((f"maeprobe {title}", prec, rate, gflop, batch))
-        rate = engine_rate(name, shape, "bf16", batch, seconds, opts, rand, compile=True)
-        rows.append((f"maeprobe {title}, torch.compile", "bf16", rate, gflop, batch))
+    labels, steppers, gflops = [], [], []
+    for b in (16, 64):
+        labels.append(("transformers ViTMAEModel loop (fp32), ViT-B/16 3 x 224", "fp32"))
+        steppers.append(hf_stepper(b))
+        gflops.append(vit_gflop(197, 768, 12, 768))
+    for title, name, shape, opts, gflop, rand in cases:
+        for prec, comp in (("fp32", False), ("bf16", False), ("bf16", True)):
+            labels.append((f"maeprobe {title}" + (", torch.compile" if comp else ""), prec))
+            steppers.append(engine_stepper(name, shape, prec, opts, rand, comp))
+            gflops.append(gflop)
+    rates = interleaved(steppers, seconds, rounds)
+    hf_rate, hf_index = max((rates[i], i) for i in (0, 1))  # the loop at its better batch
+    hf = hf_rate
+    rows = []
+    for i, ((title, prec), (_, _, batch), gflop) in enumerate(zip(labels, steppers, gflops)):
+        if i < 2 and i != hf_index:
+            continue
+        rows.append((title, prec, rates[i], gflop, batch))
     lines = [
         "### Inference throughput (CPU)",
         "",
         f"Matrix-product ceiling measured in this run: **{ceil32:.0f} GFLOP/s float32, "
-        f"{ceil16:.0f} GFLOP/s bfloat16** (2048 x 2048). Random weights; {seconds:.0f} s per "
-        "row after a warm-up batch; our rows go through `InferenceEngine` (in-process), "
+        f"{ceil16:.0f} GFLOP/s bfloat16** (2048 x 2048). Random weights; each row is the median "
+        f"of {rounds} interleaved runs of {seconds:.0f} s after a warm-up (this VM's speed "
+        "drifts by 10-20% between runs); the transformers loop at the better of batch 16 and "
+        "64; our rows go through `InferenceEngine` (in-process) at its own batch size, "
         "returning global, per-channel and per-patch embeddings. `torch.compile` rows compile "
         "once (about 30 s, not counted) with frozen weights.",
         "",

@@ -134,8 +134,9 @@ def resolve_precision(choice: str, device: str) -> str:
 
 
 def default_batch_size(model, sample_shape: tuple[int, ...], device: str) -> int:
-    """A batch that fits: fixed on the CPU, from free memory on a GPU (activations of the
-    widest layer, x 16 for the blocks' intermediates)."""
+    """A batch that fits. GPU: from free memory (activations of the widest layer, x 16 for the
+    blocks' intermediates). CPU: the MLP activations of a batch kept near 16 MB, so they stay in
+    cache (ViT-B/16 on this machine: 9.9 images/s at batch 8, 9.3 at 16, 7.5 at 64)."""
     import torch
 
     grid = model.token_grid(sample_shape)
@@ -144,7 +145,8 @@ def default_batch_size(model, sample_shape: tuple[int, ...], device: str) -> int
         free, _ = torch.cuda.mem_get_info()
         per_sample = tokens * model.embed_dim * 4 * 16 + tokens * tokens * 4 * 2
         return int(max(1, min(1024, 0.5 * free / per_sample)))
-    return int(max(1, min(64, 200_000 // max(tokens, 1))))
+    mlp_bytes = tokens * model.embed_dim * 4 * 2  # bf16 MLP hidden activations per crop
+    return int(max(1, min(64, (16 * 2**20) // max(mlp_bytes, 1))))
 
 
 class _Runner:
@@ -509,6 +511,10 @@ class InferenceEngine:
                 idx = np.arange(start, start + len(batch))
                 start += len(batch)
                 yield idx, batch, b
+
+    def batch_size_for(self, shape: tuple[int, ...]) -> int:
+        """The batch the engine uses for crops of ``shape`` (C, [Z,] Y, X)."""
+        return self.config.batch_size or self._auto_batch(tuple(shape))
 
     def _auto_batch(self, shape) -> int:
         """Crops sent at a time. The runner splits them into batches that fit its device (sized
