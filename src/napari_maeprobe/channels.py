@@ -148,12 +148,3 @@ def select_channels(image: MicroscopyImage, requested: Sequence[str]) -> Microsc
     """Pick and order channels by name, e.g. ``["DNA", "ER", "RNA"]``."""
     indices, names = resolve_channel_names(image, requested)
     return image.with_data(image.data[indices], channel_names=names)
-
-
-def find_channel(image: MicroscopyImage, pattern: str) -> int | None:
-    """Index of the first channel whose name matches the regular expression ``pattern``."""
-    rx = re.compile(pattern, re.IGNORECASE)
-    for i, name in enumerate(image.channel_names):
-        if rx.search(name):
-            return i
-    return None

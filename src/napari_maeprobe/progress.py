@@ -6,11 +6,9 @@ Long functions take ``progress: ProgressCallback | None``; they call it with
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
-from typing import TypeVar
+from collections.abc import Callable
 
 ProgressCallback = Callable[[int, int, str], "bool | None"]
-T = TypeVar("T")
 
 
 class Cancelled(RuntimeError):
@@ -21,16 +19,6 @@ def report(progress: ProgressCallback | None, done: int, total: int, description
     """Send one progress update; raise :class:`Cancelled` if the callback returns ``False``."""
     if progress is not None and progress(done, total, description) is False:
         raise Cancelled(f"cancelled during: {description}")
-
-
-def track(
-    items: Iterable[T], total: int, description: str, progress: ProgressCallback | None
-) -> Iterator[T]:
-    """Iterate over ``items`` reporting progress after each one (and once at the start)."""
-    report(progress, 0, total, description)
-    for i, item in enumerate(items, start=1):
-        yield item
-        report(progress, i, total, description)
 
 
 class TqdmProgress:

@@ -187,13 +187,6 @@ def init_weights(module: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
-def grid_size(size: int, patch: int) -> int:
-    """Patches along one axis; the size must be a multiple of the patch."""
-    if size % patch:
-        raise ValueError(f"size {size} is not a multiple of the patch size {patch}")
-    return size // patch
-
-
 __all__ = [
     "Attention",
     "Block",
@@ -201,7 +194,6 @@ __all__ = [
     "Mlp",
     "ParallelScalingBlock",
     "attention",
-    "grid_size",
     "init_weights",
     "sincos_1d",
     "sincos_2d",
