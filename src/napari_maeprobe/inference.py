@@ -83,6 +83,17 @@ class ModelInfo:
     channel_agnostic: bool
     device: str
     precision: str
+    input_size: tuple[int, ...] = ()  # the crop size the model was built for ([Z,] Y, X)
+    has_decoder: bool = False
+    in_channels: int | None = None  # fixed channel count, or None for channel-agnostic models
+
+
+def model_input_size(model) -> tuple[int, ...]:
+    """The crop size a model was built for: ``input_size``, ``img_size`` or 224 (DINOv2)."""
+    if getattr(model, "input_size", None):
+        return tuple(int(s) for s in model.input_size)
+    size = getattr(model, "img_size", None) or 224
+    return (int(size), int(size)) if np.isscalar(size) else tuple(int(s) for s in size)
 
 
 def resolve_device(choice: str = "auto") -> str:
@@ -198,6 +209,9 @@ class _Runner:
             bool(m.channel_agnostic),
             self.device,
             self.precision,
+            model_input_size(m),
+            bool(m.has_decoder),
+            None if m.channel_agnostic else getattr(m, "in_chans", None),
         )
 
     def batch_size(self, shape: tuple[int, ...], n: int) -> int:
@@ -427,18 +441,21 @@ class InferenceEngine:
         boundary: np.ndarray | None = None,
         total: int | None = None,
         progress: ProgressCallback | None = None,
+        first_index: int = 0,
     ) -> Iterator[BatchResult]:
         """Embed ``crops`` (an array (N, C, [Z,] Y, X) or an iterable of such batches).
 
         ``boundary``: per-patch boundary fractions (N, *spatial grid) for boundary-guided masking.
-        Yields results batch by batch, in input order.
+        ``first_index``: the index of the first crop in a larger job; masks are seeded per crop
+        index, so a job split into pieces gets the same masks as in one piece.
+        Yields results batch by batch, in input order (``index`` counts from ``first_index``).
         """
         if self._closed:
             raise MaeprobeInputError(
                 "this inference engine was closed (cancelled, or its worker stopped)",
                 "create a new InferenceEngine",
             )
-        batches = self._batches(crops, boundary)
+        batches = self._batches(crops, boundary, first_index)
         n_total = (
             total if total is not None else (len(crops) if isinstance(crops, np.ndarray) else 0)
         )
@@ -492,7 +509,7 @@ class InferenceEngine:
             self.close(kill=True)
             raise
 
-    def _batches(self, crops, boundary):
+    def _batches(self, crops, boundary, first_index: int = 0):
         if isinstance(crops, np.ndarray):
             if crops.ndim < 4:
                 raise MaeprobeInputError(
@@ -500,10 +517,10 @@ class InferenceEngine:
                 )
             bs = self.config.batch_size or self._auto_batch(crops.shape[1:])
             for i in range(0, len(crops), bs):
-                idx = np.arange(i, min(i + bs, len(crops)))
+                idx = np.arange(i, min(i + bs, len(crops))) + first_index
                 yield idx, crops[i : i + bs], None if boundary is None else boundary[i : i + bs]
         else:
-            start = 0
+            start = first_index
             for batch in crops:
                 b = None
                 if isinstance(batch, tuple):

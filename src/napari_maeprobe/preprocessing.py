@@ -38,6 +38,56 @@ def check_finite(data: np.ndarray, name: str, channel_names: list[str] | None = 
         )
 
 
+def channel_stats(
+    data: np.ndarray,
+    method: NormMethod = "percentile",
+    low: float = 1.0,
+    high: float = 99.8,
+) -> np.ndarray:
+    """Per-channel normalisation statistics of ``(C, ...)`` data, shape (C, 2).
+
+    ``percentile``: the [low, high] percentiles (from up to 2 M pixels per channel);
+    ``zscore``: mean and standard deviation; ``none``: (0, 1). Kept apart from
+    :func:`apply_normalization` so that crops cut from one image share its statistics.
+    """
+    if method not in ("percentile", "zscore", "none"):
+        raise MaeprobeInputError(
+            f"unknown normalisation {method!r}", "use 'percentile', 'zscore' or 'none'"
+        )
+    out = np.zeros((data.shape[0], 2), dtype=np.float64)
+    for c in range(data.shape[0]):
+        ch = np.asarray(data[c])
+        if method == "none":
+            out[c] = (0.0, 1.0)
+        elif method == "zscore":
+            sample = ch.astype(np.float64)
+            out[c] = (float(sample.mean()), float(sample.std()))
+        else:
+            sample = ch.ravel()[:: max(1, ch.size // 2_000_000)].astype(np.float32)
+            out[c] = np.percentile(sample, [low, high])
+    return out
+
+
+def apply_normalization(
+    data: np.ndarray, stats: np.ndarray, method: NormMethod = "percentile"
+) -> np.ndarray:
+    """Normalise ``(N, C, ...)`` crops (or a ``(1, C, ...)`` image) to float32 with the
+    statistics of :func:`channel_stats`. ``percentile`` clips to [0, 1]; a constant channel
+    becomes all zeros."""
+    x = np.asarray(data, dtype=np.float32)
+    shape = [1] * x.ndim
+    shape[1] = len(stats)
+    a = stats[:, 0].astype(np.float32).reshape(shape)
+    b = stats[:, 1].astype(np.float32).reshape(shape)
+    if method == "none":
+        return x.copy()
+    if method == "zscore":
+        return np.where(b > 0, (x - a) / np.where(b > 0, b, 1), 0.0).astype(np.float32)
+    span = b - a
+    out = np.clip((x - a) / np.where(span > 0, span, 1), 0.0, 1.0)
+    return np.where(span > 0, out, 0.0).astype(np.float32)
+
+
 def normalize(
     data: np.ndarray,
     method: NormMethod = "percentile",
@@ -55,25 +105,10 @@ def normalize(
     data = np.asarray(data)
     if nan_policy == "raise":
         check_finite(data, name, channel_names)
-    out = np.empty(data.shape, dtype=np.float32)
-    for c in range(data.shape[0]):
-        ch = np.asarray(data[c], dtype=np.float32)
-        if nan_policy == "zero":
-            ch = np.nan_to_num(ch, nan=0.0, posinf=0.0, neginf=0.0)
-        if method == "none":
-            out[c] = ch
-        elif method == "zscore":
-            sd = float(ch.std())
-            out[c] = (ch - float(ch.mean())) / sd if sd > 0 else 0.0
-        elif method == "percentile":
-            sample = ch.ravel()[:: max(1, ch.size // 2_000_000)]
-            lo, hi = np.percentile(sample, [low, high])
-            out[c] = np.clip((ch - lo) / (hi - lo), 0.0, 1.0) if hi > lo else 0.0
-        else:
-            raise MaeprobeInputError(
-                f"unknown normalisation {method!r}", "use 'percentile', 'zscore' or 'none'"
-            )
-    return out
+    elif nan_policy == "zero":
+        data = np.nan_to_num(data.astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+    stats = channel_stats(data, method, low, high)
+    return apply_normalization(data[None], stats, method)[0]
 
 
 def project_z(
@@ -163,8 +198,14 @@ def cell_crops(
     image_name: str = "",
     channel_names: tuple[str, ...] | list[str] = (),
     min_pixels: int = 1,
+    ids: np.ndarray | None = None,
+    boundary: np.ndarray | None = None,
 ) -> CropSet:
-    """One window of ``size`` centred on each labelled cell, zero-padded at the image border."""
+    """One window of ``size`` centred on each labelled cell, zero-padded at the image border.
+
+    ``ids``: only these cells (a chunk of a large image); ``boundary``: the image's boundary
+    map when already computed.
+    """
     nd = labels.ndim
     if data.shape[-nd:] != labels.shape:
         raise MaeprobeInputError(
@@ -173,8 +214,10 @@ def cell_crops(
             "segment this image (or pass its own label image)",
         )
     size = _as_size(size, nd)
-    ids, counts = np.unique(labels[labels > 0], return_counts=True)
-    ids = ids[counts >= min_pixels]
+    if ids is None:
+        ids, counts = np.unique(labels[labels > 0], return_counts=True)
+        ids = ids[counts >= min_pixels]
+    ids = np.asarray(ids)
     if ids.size == 0:
         raise NoCellsFoundError(
             f"{image_name}: the label image has no cells",
@@ -186,7 +229,9 @@ def cell_crops(
     crops = extract_windows(np.asarray(data), origins, size)
     label_windows = extract_windows(labels, origins, size)
     masks = label_windows == ids.reshape((-1,) + (1,) * nd)
-    boundary = extract_windows(boundary_map(labels), origins, size)
+    if boundary is None:
+        boundary = boundary_map(labels)
+    boundary = extract_windows(boundary, origins, size)
     return CropSet(
         crops=crops,
         cell_masks=masks,
