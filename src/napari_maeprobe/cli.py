@@ -20,6 +20,19 @@ EXAMPLES = {
     ),
     "demo": "example:\n  maeprobe demo --out out/demo",
     "models": "example:\n  maeprobe models",
+    "embed": (
+        "examples:\n"
+        "  maeprobe embed sample_data/cellprofiler_examplehuman_3ch --out out/eh.zarr\n"
+        "  maeprobe embed sample_data/alsf_cellpainting_6ch --model default --levels global,patch"
+        " \\\n      --masking boundary --mask-ratio 0.75 --tau 0.5 --with-attention"
+        " --out out/cp.zarr\n"
+        "  maeprobe embed images/ --labels out/seg --scheduler tcp://10.0.0.5:8786"
+        " --out out/big.zarr"
+    ),
+    "export": (
+        "examples:\n  maeprobe export out/eh.zarr --format h5ad --out out/eh.h5ad\n"
+        "  maeprobe export out/eh.zarr --format parquet --level patch --out out/eh_patch.parquet"
+    ),
     "train": (
         "example:\n  maeprobe train --data sample_data --out out/my-model.safetensors --steps 500"
     ),
@@ -123,6 +136,59 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--workers", type=int, default=0, help="processes that cut training crops")
 
+    embed = sub.add_parser(
+        "embed",
+        help="embed cells (or tiles) with a model into an embedding store (.zarr)",
+        epilog=EXAMPLES["embed"],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    embed.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, OME-Zarr, folders")
+    embed.add_argument("--out", required=True, type=Path, help="the store (.zarr folder)")
+    embed.add_argument("--model", default="default", help="a name from `maeprobe models`")
+    embed.add_argument("--weights", help="weights file or folder (default: the model's own)")
+    embed.add_argument(
+        "--levels", default="global,channel,patch", help="comma-separated: global,channel,patch"
+    )
+    embed.add_argument("--masking", default="none", choices=["none", "random", "boundary"])
+    embed.add_argument("--mask-ratio", type=float, default=0.75)
+    embed.add_argument("--tau", type=float, default=0.5, help="boundary-guided temperature")
+    embed.add_argument("--seed", type=int, default=0, help="seed of the masks")
+    embed.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    embed.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    embed.add_argument("--batch-size", type=int, help="crops per batch (default: sized to memory)")
+    embed.add_argument("--crop-size", type=int, help="crop side in pixels (default: the model's)")
+    embed.add_argument("--normalization", default="percentile",
+                       choices=["percentile", "zscore", "none"])  # fmt: skip
+    embed.add_argument("--dtype", default="float16", choices=["float16", "float32"],
+                       help="how embeddings are stored")  # fmt: skip
+    embed.add_argument("--with-attention", action="store_true", help="store attention maps")
+    embed.add_argument(
+        "--with-reconstruction", action="store_true", help="store masked reconstructions"
+    )
+    embed.add_argument(
+        "--segmentation", default="auto", choices=["auto", "cellpose", "builtin", "none"],
+        help="how cells are found (none: tile the images instead of cropping cells)",
+    )  # fmt: skip
+    embed.add_argument(
+        "--labels", type=Path, help="folder of <image>_labels.tif (from maeprobe segment)"
+    )
+    embed.add_argument("--diameter", type=float, help="nucleus/cell diameter for segmentation, px")
+    embed.add_argument("--metadata", type=Path, help="CSV with an 'image' column (condition, ...)")
+    embed.add_argument("--scheduler", help="dask.distributed scheduler address, or 'local'")
+    embed.add_argument("--overwrite", action="store_true", help="replace a store of another job")
+    _add_input_options(embed)
+
+    export = sub.add_parser(
+        "export",
+        help="export a store to .h5ad, Parquet or CSV",
+        epilog=EXAMPLES["export"],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    export.add_argument("store", type=Path, metavar="STORE")
+    export.add_argument("--format", required=True, choices=["h5ad", "parquet", "csv"])
+    export.add_argument("--out", required=True, type=Path, help="the file to write")
+    export.add_argument("--level", help="one level (default: all levels, stacked)")
+
     sub.add_parser(
         "models", help="list the models, their inputs, licences and weights",
         epilog=EXAMPLES["models"], formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -169,6 +235,51 @@ def cmd_segment(args) -> int:
         )
         if row["notes"]:
             print(f"  note: {row['notes']}")
+    return 0
+
+
+def cmd_embed(args) -> int:
+    from .embedding import EmbedJob, attach_metadata, close_clients, find_labels, run_embedding
+    from .workflows import require_images
+
+    images = _load_inputs(args)
+    require_images(images)
+    if args.metadata:
+        images = attach_metadata(images, args.metadata)
+    labels = find_labels(images, args.labels) if args.labels else None
+    job = EmbedJob(
+        model=args.model, weights=args.weights,
+        channels=None,  # picked while reading (--channels)
+        levels=tuple(v.strip() for v in args.levels.split(",") if v.strip()),
+        segmentation="given" if labels else args.segmentation, diameter=args.diameter,
+        crop_size=args.crop_size, normalization=args.normalization,
+        projection="max" if args.z == "keep" else args.z,
+        masking=args.masking, mask_ratio=args.mask_ratio, tau=args.tau, seed=args.seed,
+        dtype=args.dtype, attention=args.with_attention,
+        reconstruction=args.with_reconstruction, device=args.device,
+        precision=args.precision, batch_size=args.batch_size,
+    )  # fmt: skip
+    try:
+        result = run_embedding(images, args.out, job, labels, progress=args.progress,
+                               scheduler=args.scheduler, overwrite=args.overwrite)  # fmt: skip
+    finally:
+        close_clients()
+    f = result.facts
+    rows = ", ".join(f"{lvl} {n}" for lvl, n in result.rows.items())
+    print(
+        f"{args.out}: {rows} rows ({f['model']}, {f['embed_dim']}-d, weights sha256 "
+        f"{f['weights_sha256'][:12]}..., {f['device']} {f['precision']}); "
+        f"{result.units_done} units embedded, {result.units_skipped} already done; "
+        f"{result.seconds:.1f} s"
+    )
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .export import export_store
+
+    path = export_store(args.store, args.format, args.out, args.level)
+    print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")
     return 0
 
 
@@ -292,7 +403,10 @@ def cmd_models(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    handlers = {"segment": cmd_segment, "demo": cmd_demo, "train": cmd_train, "models": cmd_models}
+    handlers = {
+        "segment": cmd_segment, "demo": cmd_demo, "train": cmd_train, "models": cmd_models,
+        "embed": cmd_embed, "export": cmd_export,
+    }  # fmt: skip
     args.progress = TqdmProgress()
     try:
         return handlers[args.verb](args)

@@ -192,7 +192,8 @@ def plan_image(
                 "segment with other settings (--diameter), pass label images, or tile the "
                 "image with --segmentation none",
             )
-    return PlannedImage(image, labels, stats, thresholds, cell_ids, dict(image.metadata))
+    return PlannedImage(image, labels, stats, thresholds, cell_ids,
+                        dict(image.metadata.get("obs", {})))  # fmt: skip
 
 
 def _crop_size(job: EmbedJob, info: ModelInfo) -> tuple[int, ...]:
@@ -274,6 +275,60 @@ def describe_inputs(images: Sequence[MicroscopyImage]) -> list[dict]:
         if not files:
             entry["sha256"] = hashlib.sha256(np.ascontiguousarray(img.to_numpy())).hexdigest()
         out.append(entry)
+    return out
+
+
+def attach_metadata(images: Sequence[MicroscopyImage], table: str | Path) -> list[MicroscopyImage]:
+    """Add the user's per-image metadata (a CSV with an ``image`` column: condition, well, ...)
+    to the images; the values become observation columns of every row of that image."""
+    path = Path(table)
+    if not path.is_file():
+        raise MaeprobeInputError(f"metadata file {path} does not exist", "pass an existing CSV")
+    meta = pd.read_csv(path, dtype=str)
+    if "image" not in meta.columns:
+        raise MaeprobeInputError(
+            f"{path} has no 'image' column (columns: {', '.join(meta.columns)})",
+            "add a column 'image' with the image names (file names without extension)",
+        )
+    reserved = sorted(set(meta.columns) & (set(OBS_COLUMNS) - {"image"}))
+    if reserved:
+        raise MaeprobeInputError(
+            f"{path} has columns that the observation table already defines: {reserved}",
+            "rename them (e.g. prefix with 'meta_')",
+        )
+    rows = {str(r["image"]): r.drop("image").dropna().to_dict() for _, r in meta.iterrows()}
+    names = {img.name for img in images}
+    unknown = sorted(set(rows) - names)
+    if unknown and not set(rows) & names:
+        raise MaeprobeInputError(
+            f"none of the images in {path} match the inputs (e.g. {unknown[0]!r})",
+            f"use the image names, e.g. {sorted(names)[0]!r}",
+        )
+    out = []
+    for img in images:
+        extra = rows.get(img.name, {})
+        out.append(img.with_data(img.data, metadata={**img.metadata, "obs": extra}))
+    return out
+
+
+def find_labels(images: Sequence[MicroscopyImage], folder: str | Path) -> list[np.ndarray]:
+    """The label image of each image from a folder written by ``maeprobe segment``
+    (``<image>_labels.tif``)."""
+    import tifffile
+
+    folder = Path(folder)
+    out, missing = [], []
+    for img in images:
+        path = folder / f"{img.name}_labels.tif"
+        if not path.is_file():
+            missing.append(path.name)
+            continue
+        out.append(tifffile.imread(path))
+    if missing:
+        raise MaeprobeInputError(
+            f"{folder} lacks label images for {len(missing)} input(s), e.g. {missing[0]}",
+            "run `maeprobe segment IMAGE... --out FOLDER` first, or drop --labels",
+        )
     return out
 
 

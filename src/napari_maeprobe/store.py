@@ -83,18 +83,21 @@ def decode_column(data: np.ndarray, attrs: dict) -> pd.Series:
 
 
 def combine_categoricals(frames: list[pd.DataFrame]) -> pd.DataFrame:
-    """Concatenate tables whose categorical columns have different categories (kept categorical)."""
+    """Stack tables column by column; categorical columns stay categorical (union of the
+    categories), columns missing from some tables are NA there."""
     if len(frames) == 1:
         return frames[0].reset_index(drop=True)
-    out = pd.concat(frames, ignore_index=True)
-    for col in frames[0].columns:
-        if all(isinstance(f[col].dtype, pd.CategoricalDtype) for f in frames):
-            cats = list(dict.fromkeys(c for f in frames for c in f[col].cat.categories))
-            out[col] = pd.Categorical(
-                pd.concat([f[col].astype(object) for f in frames], ignore_index=True),
-                categories=cats,
-            )
-    return out
+    columns = list(dict.fromkeys(c for f in frames for c in f.columns))
+    out = {}
+    for col in columns:
+        parts = [f[col] if col in f else pd.Series([pd.NA] * len(f)) for f in frames]
+        if all(isinstance(p.dtype, pd.CategoricalDtype) for p in parts):
+            cats = list(dict.fromkeys(c for p in parts for c in p.cat.categories))
+            values = np.concatenate([p.astype(object).to_numpy() for p in parts])
+            out[col] = pd.Categorical(values, categories=cats)
+        else:
+            out[col] = pd.concat([p.reset_index(drop=True) for p in parts], ignore_index=True)
+    return pd.DataFrame(out)
 
 
 # --------------------------------------------------------------------------- the store
@@ -111,10 +114,17 @@ class UnitSpec:
     first_index: int = 0  # the job-wide index of the unit's first cell (seeds its masks)
 
 
-def _signature_diff(old: dict, new: dict) -> list[str]:
-    keys = sorted(set(old) | set(new))
-    return [k for k in keys if json.dumps(old.get(k), sort_keys=True, default=str)
-            != json.dumps(new.get(k), sort_keys=True, default=str)]  # fmt: skip
+def _signature_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """The keys (dotted, one level into dicts) whose values differ between two signatures."""
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict) and not prefix:
+            out += _signature_diff(a, b, f"{k}.")
+        elif json.dumps(a, sort_keys=True, default=str) != json.dumps(b, sort_keys=True,
+                                                                      default=str):  # fmt: skip
+            out.append(f"{prefix}{k}")
+    return out
 
 
 class EmbeddingStore:
