@@ -29,6 +29,15 @@ EXAMPLES = {
         "  maeprobe embed images/ --labels out/seg --scheduler tcp://10.0.0.5:8786"
         " --out out/big.zarr"
     ),
+    "analyze": (
+        "examples:\n  maeprobe analyze out/eh.zarr\n"
+        "  maeprobe analyze out/eh.zarr --levels patch --foreground --central "
+        "--balance-by channel --kmeans 8"
+    ),
+    "evaluate": (
+        "examples:\n  maeprobe evaluate out/eh.zarr --probe dataset\n"
+        "  maeprobe evaluate out/cp.zarr --level global --probe condition --json out/eval.json"
+    ),
     "export": (
         "examples:\n  maeprobe export out/eh.zarr --format h5ad --out out/eh.h5ad\n"
         "  maeprobe export out/eh.zarr --format parquet --level patch --out out/eh_patch.parquet"
@@ -178,6 +187,38 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--overwrite", action="store_true", help="replace a store of another job")
     _add_input_options(embed)
 
+    analyze = sub.add_parser(
+        "analyze",
+        help="PCA, UMAP, Leiden/k-means and 'what drives these clusters', into the store",
+        epilog=EXAMPLES["analyze"],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    analyze.add_argument("store", type=Path, metavar="STORE")
+    analyze.add_argument("--levels", help="comma-separated levels (default: all in the store)")
+    analyze.add_argument("--foreground", action="store_true", help="only foreground patches")
+    analyze.add_argument("--central", action="store_true", help="only central patches")
+    analyze.add_argument("--balance-by", help="equal rows per value of this column, e.g. channel")
+    analyze.add_argument("--max-rows", type=int, help="analyse at most this many rows")
+    analyze.add_argument("--n-pcs", type=int, default=50)
+    analyze.add_argument("--n-neighbors", type=int, default=15)
+    analyze.add_argument("--umap-max-fit", type=int, default=20_000,
+                         help="UMAP fits on a sample this big and maps the rest")  # fmt: skip
+    analyze.add_argument("--resolution", type=float, default=1.0, help="Leiden resolution")
+    analyze.add_argument("--kmeans", type=int, help="also k-means with this k")
+    analyze.add_argument("--seed", type=int, default=0)
+
+    evaluate = sub.add_parser(
+        "evaluate",
+        help="linear probe, effective rank and attention IoU of a store",
+        epilog=EXAMPLES["evaluate"],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    evaluate.add_argument("store", type=Path, metavar="STORE")
+    evaluate.add_argument("--levels", help="comma-separated levels (default: all in the store)")
+    evaluate.add_argument("--probe", action="append", default=[],
+                          help="obs column a linear probe predicts (repeatable)")  # fmt: skip
+    evaluate.add_argument("--json", type=Path, help="also write the results as JSON")
+
     export = sub.add_parser(
         "export",
         help="export a store to .h5ad, Parquet or CSV",
@@ -272,6 +313,57 @@ def cmd_embed(args) -> int:
         f"{result.units_done} units embedded, {result.units_skipped} already done; "
         f"{result.seconds:.1f} s"
     )
+    return 0
+
+
+def _levels(value: str | None) -> list[str] | None:
+    return [v.strip() for v in value.split(",") if v.strip()] if value else None
+
+
+def cmd_analyze(args) -> int:
+    from .store import EmbeddingStore
+    from .workflows import AnalysisSettings, analyze_store
+
+    store = EmbeddingStore(args.store, mode="a")
+    settings = AnalysisSettings(
+        foreground=args.foreground, central=args.central, balance_by=args.balance_by,
+        max_rows=args.max_rows, n_pcs=args.n_pcs, n_neighbors=args.n_neighbors,
+        umap_max_fit=args.umap_max_fit, resolution=args.resolution, kmeans=args.kmeans,
+        seed=args.seed,
+    )  # fmt: skip
+    results = analyze_store(store, _levels(args.levels), settings, progress=args.progress)
+    for level, r in results.items():
+        print(
+            f"{level}: {r['analysed_rows']} of {r['rows']} rows; {r['n_leiden']} Leiden clusters; "
+            f"UMAP {r['umap']['strategy']} ({r['umap']['fit_rows']} fitted); effective rank "
+            f"{r['effective_rank']:.1f}; {r['seconds']:.1f} s\n  {r['verdict']}"
+        )
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from .store import EmbeddingStore
+    from .workflows import evaluate_store
+
+    store = EmbeddingStore(args.store)
+    results = evaluate_store(store, _levels(args.levels), args.probe)
+    for level, r in results.items():
+        print(f"{level}: {r['rows']} rows, effective rank {r['effective_rank']:.1f} "
+              f"of {r['embed_dim']} dimensions")  # fmt: skip
+        for col, p in r.get("probes", {}).items():
+            print(f"  linear probe of {col}: balanced accuracy {p['balanced_accuracy']:.3f} "
+                  f"(chance {p['chance']:.3f}, {p['n_classes']} classes)")  # fmt: skip
+        for col, why in r.get("skipped_probes", {}).items():
+            print(f"  linear probe of {col}: skipped ({why})")
+        if "attention_iou" in r:
+            a = r["attention_iou"]
+            print(f"  attention IoU with the cell masks: mean {a['mean']:.3f} "
+                  f"(top {a['top_fraction']:.0%} of patches, {a['cells']} cells)")  # fmt: skip
+    if args.json:
+        from .workflows import write_json
+
+        write_json(args.json, results)
+        print(f"wrote {args.json}")
     return 0
 
 
@@ -405,7 +497,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     handlers = {
         "segment": cmd_segment, "demo": cmd_demo, "train": cmd_train, "models": cmd_models,
-        "embed": cmd_embed, "export": cmd_export,
+        "embed": cmd_embed, "export": cmd_export, "analyze": cmd_analyze,
+        "evaluate": cmd_evaluate,
     }  # fmt: skip
     args.progress = TqdmProgress()
     try:

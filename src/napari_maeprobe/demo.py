@@ -1,14 +1,14 @@
-"""``maeprobe demo``: the main job on the bundled sample data.
+"""``maeprobe demo``: the main job on the bundled sample data with the bundled default model.
 
-So far: open the samples, segment them, compute boundary maps, cut single-cell crops, write
-their patch table, and embed every cell of the 2D samples with the bundled default model at
-three levels (global, per channel, per patch). The store, analysis and report join with the
-next issue.
+Segments the samples, embeds every cell of the 2D samples at three levels (global, per channel,
+per patch) into ``DIR/embeddings.zarr``, runs PCA, UMAP, Leiden and the "what drives these
+clusters" diagnostics, and writes ``DIR/embeddings.h5ad``, ``DIR/report.html`` and its PNGs.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -16,11 +16,10 @@ import pandas as pd
 from .progress import ProgressCallback
 from .samples import load_sample
 from .workflows import (
+    AnalysisSettings,
     SegmentedImage,
-    _atomic_write,
-    embed_segmented,
+    analyze_store,
     overlay_png,
-    prepare_patches,
     segment_images,
     write_json,
     write_segmentation_outputs,
@@ -36,28 +35,30 @@ class DemoResult:
     out_dir: Path
     segmented: list[SegmentedImage]
     summary: pd.DataFrame
-    patches: pd.DataFrame
-    embeddings: dict[str, pd.DataFrame]
-    model: dict
+    store_path: Path
+    rows: dict[str, int]
+    analysis: dict[str, dict]
+    facts: dict
+    seconds: dict[str, float] = field(default_factory=dict)
 
     def describe(self) -> str:
         lines = []
         for _, r in self.summary.iterrows():
             lines.append(
                 f"{r['dataset']}/{r['image']} ({r['shape']}, {r['channels']}): "
-                f"{r['n_cells']} cells "
-                f"by {r['method']}"
+                f"{r['n_cells']} cells by {r['method']}"
             )
-        n_fg = int(self.patches["foreground"].sum())
+        sizes = ", ".join(f"{lvl} {n}" for lvl, n in self.rows.items())
         lines.append(
-            f"patch table: {len(self.patches)} rows (cell x channel x patch), {n_fg} foreground, "
-            f"mean boundary fraction {self.patches['boundary_fraction'].mean():.3f}"
+            f"embeddings ({self.facts['model']}, {self.facts['embed_dim']}-d, weights sha256 "
+            f"{self.facts['weights_sha256'][:12]}...): {sizes} rows -> {self.store_path.name}"
         )
-        sizes = ", ".join(f"{lvl} {len(t)}" for lvl, t in self.embeddings.items())
-        lines.append(
-            f"embeddings ({self.model['model']}, {self.model['embed_dim']}-d, weights sha256 "
-            f"{self.model['weights_sha256'][:12]}...): {sizes} rows"
-        )
+        for level, a in self.analysis.items():
+            lines.append(
+                f"{level}: {a['n_leiden']} Leiden clusters, effective rank "
+                f"{a['effective_rank']:.1f}; {a['verdict']}"
+            )
+        lines.append(f"report: {self.out_dir / 'report.html'}")
         return "\n".join(lines)
 
 
@@ -67,10 +68,19 @@ def run_demo(
     diameter: float | None = None,
     weights: str | None = None,
     progress: ProgressCallback | None = None,
+    settings: AnalysisSettings | None = None,
 ) -> DemoResult:
-    """Segment the bundled samples and write labels, boundary maps, overlays and patch tables."""
+    """Segment, embed, analyse and report on the bundled samples (see the module docstring)."""
+    from .embedding import EmbedJob, run_embedding
+    from .export import export_store, to_anndata
+    from .report import write_report
+    from .store import EmbeddingStore
+
     out_dir = Path(out_dir)
-    images = [load_sample(k)[0] for k in DEMO_SAMPLES]
+    seconds: dict[str, float] = {}
+    t = time.perf_counter()
+    samples = [load_sample(k) for k in DEMO_SAMPLES]
+    images = [img for img, _ in samples]
     segmented = segment_images(images, method, None, None, diameter, weights, progress=progress)
     summary = write_segmentation_outputs(segmented, out_dir / "segmentation")
     for s in segmented:
@@ -80,25 +90,61 @@ def run_demo(
             s.boundary,
             s.segmentation.nucleus_channel,
         )
-    patches = prepare_patches(segmented, crop_size=96, patch_size=12, progress=progress)
-    _atomic_write(out_dir / "patches.parquet", lambda p: patches.to_parquet(p, index=False))
-    _atomic_write(out_dir / "patches.csv", lambda p: patches.to_csv(p, index=False))
-    embeddings, model_facts = embed_segmented(segmented, "default", progress=progress)
-    for level, table in embeddings.items():
-        _atomic_write(
-            out_dir / f"embeddings_{level}.parquet", lambda p, t=table: t.to_parquet(p, index=False)
-        )
+    seconds["segmentation"] = time.perf_counter() - t
+
+    # the bundled default model is 2D: the z-stack is segmented (above) but not embedded
+    t = time.perf_counter()
+    flat = [s for s in segmented if not s.image.is_3d]
+    job = EmbedJob(model="default", attention=True)
+    store_path = out_dir / "embeddings.zarr"
+    result = run_embedding(
+        [s.image for s in flat], store_path, job,
+        labels=[s.segmentation.labels for s in flat], progress=progress, overwrite=True,
+    )  # fmt: skip
+    seconds["embedding"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    store = EmbeddingStore(store_path, mode="a")
+    analysis = analyze_store(store, settings=settings, progress=progress)
+    seconds["analysis"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    export_store(store, "h5ad", out_dir / "embeddings.h5ad")
+    seconds["export"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    from .diagnostics import DriversReport
+
+    levels = {lvl: to_anndata(store, [lvl]) for lvl in store.levels()}
+    drivers = {}
+    for lvl in levels:
+        attrs = store.read_analysis(lvl)[2]
+        drivers[lvl] = DriversReport.from_dict(attrs["drivers"])
+        levels[lvl].uns["effective_rank"] = attrs["effective_rank"]
+    facts = {
+        **result.facts,
+        "images": len(flat),
+        "cells": int(sum(s.segmentation.n_cells for s in flat)),
+        "samples": ", ".join(DEMO_SAMPLES),
+        "note": "the z-stack (cells3d) is segmented but not embedded: the default model is 2D",
+        "seconds": {k: round(v, 1) for k, v in seconds.items()},
+    }
+    write_report(out_dir, levels, drivers, facts, segmentation=summary)
+    seconds["report"] = time.perf_counter() - t
+    facts["seconds"] = {k: round(v, 1) for k, v in seconds.items()}
     write_json(
         out_dir / "demo.json",
         {
             "samples": list(DEMO_SAMPLES),
             "segmentation": summary.to_dict(orient="records"),
-            "patch_rows": len(patches),
-            "embeddings": {lvl: len(t) for lvl, t in embeddings.items()},
-            "model": model_facts,
+            "rows": result.rows,
+            "analysis": analysis,
+            "model": result.facts,
+            "seconds": facts["seconds"],
         },
     )
-    return DemoResult(out_dir, segmented, summary, patches, embeddings, model_facts)
+    return DemoResult(out_dir, segmented, summary, store_path, result.rows, analysis,
+                      result.facts, seconds)  # fmt: skip
 
 
 def show_demo(result: DemoResult) -> None:

@@ -312,16 +312,19 @@ def attach_metadata(images: Sequence[MicroscopyImage], table: str | Path) -> lis
 
 
 def find_labels(images: Sequence[MicroscopyImage], folder: str | Path) -> list[np.ndarray]:
-    """The label image of each image from a folder written by ``maeprobe segment``
-    (``<image>_labels.tif``)."""
+    """The label image of each image from a folder: ``<image>_labels.tif`` as written by
+    ``maeprobe segment``, or a TIFF with the image's own name (e.g. a folder of DeepCell or
+    CellProfiler masks beside a folder of images)."""
     import tifffile
 
     folder = Path(folder)
     out, missing = [], []
     for img in images:
-        path = folder / f"{img.name}_labels.tif"
-        if not path.is_file():
-            missing.append(path.name)
+        names = [f"{img.name}_labels.tif", f"{img.name}_labels.tiff", f"{img.name}.tif",
+                 f"{img.name}.tiff"]  # fmt: skip
+        path = next((folder / n for n in names if (folder / n).is_file()), None)
+        if path is None:
+            missing.append(names[0])
             continue
         out.append(tifffile.imread(path))
     if missing:

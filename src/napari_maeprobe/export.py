@@ -131,11 +131,14 @@ def to_anndata(store: EmbeddingStore, levels: Sequence[str] | None = None):
         adata.obsm[k] = v
     maeprobe = _uns_safe(uns["maeprobe"])
     adata.uns["maeprobe"] = maeprobe
+    from .diagnostics import DriversReport
+
     for level, d in uns.get("maeprobe_drivers", {}).items():
-        table = pd.DataFrame(d.get("table", {}))
+        drivers = DriversReport.from_dict(d)
         adata.uns.setdefault("maeprobe_drivers", {})[level] = {
-            "verdict": str(d.get("verdict", "")),
-            "table": table,
+            "verdict": drivers.verdict,
+            "labels": drivers.labels_name,
+            "table": drivers.table,
         }
     return adata
 

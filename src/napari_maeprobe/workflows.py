@@ -15,7 +15,7 @@ import pandas as pd
 from .boundaries import boundary_map
 from .errors import MaeprobeInputError
 from .image import MicroscopyImage
-from .preprocessing import cell_crops, normalize, patch_table, project_z
+from .preprocessing import normalize, project_z
 from .progress import ProgressCallback, report
 from .segmentation import Segmentation, segment
 
@@ -80,32 +80,6 @@ def segment_images(
     return out
 
 
-def prepare_patches(
-    segmented: list[SegmentedImage],
-    crop_size: int = 96,
-    patch_size: int = 16,
-    crop_size_3d: tuple[int, int, int] = (40, 64, 64),
-    patch_size_3d: tuple[int, int, int] = (10, 8, 8),
-    per_channel: bool = True,
-    progress: ProgressCallback | None = None,
-) -> pd.DataFrame:
-    """Single-cell crops of every image and their patch table (one row per cell/channel/patch).
-
-    2D images use square ``crop_size`` crops and ``patch_size`` patches; z-stacks kept in 3D use
-    ``crop_size_3d`` and 3D patches of ``patch_size_3d`` (Z, Y, X) voxels.
-    """
-    frames = []
-    report(progress, 0, len(segmented), "crops and patch tables")
-    for i, s in enumerate(segmented, start=1):
-        image = s.image
-        data = normalize(image.to_numpy(), name=image.name, channel_names=image.channel_names)
-        crop, patch = (crop_size_3d, patch_size_3d) if image.is_3d else (crop_size, patch_size)
-        crops = cell_crops(data, s.segmentation.labels, crop, image.name, image.channel_names)
-        frames.append(patch_table(crops, patch, per_channel=per_channel, dataset=image.dataset))
-        report(progress, i, len(segmented), "crops and patch tables")
-    return pd.concat(frames, ignore_index=True)
-
-
 def write_segmentation_outputs(segmented: list[SegmentedImage], out_dir: Path) -> pd.DataFrame:
     """Write ``<image>_labels.tif`` and ``<image>_boundary.tif`` per image; return a summary."""
     names = [s.image.name for s in segmented]
@@ -167,83 +141,169 @@ def require_images(images: list[MicroscopyImage]) -> None:
         raise MaeprobeInputError("no images to process", "pass at least one image file or folder")
 
 
-#: the observation columns every embedding table carries (docs/contract.md)
-OBS_COLUMNS = (
-    "level", "dataset", "image", "cell_id", "channel", "patch_row", "patch_col", "patch_z",
-    "centroid_y", "centroid_x", "centroid_z", "patch_intensity", "foreground", "central",
-    "boundary_fraction",
-)  # fmt: skip
+@dataclass
+class AnalysisSettings:
+    """How ``maeprobe analyze`` treats a level (defaults follow scanpy's usual choices)."""
+
+    foreground: bool = False  # only foreground patches (Otsu on patch intensity)
+    central: bool = False  # only patches in the middle half of the crop
+    balance_by: str | None = None  # equal rows per value of this column
+    max_rows: int | None = None  # analyse at most this many rows (balanced or uniform)
+    n_pcs: int = 50
+    n_neighbors: int = 15
+    umap_max_fit: int = 20_000  # UMAP fit on a sample this big, the rest mapped by transform
+    min_dist: float = 0.1
+    resolution: float = 1.0  # Leiden
+    kmeans: int | None = None  # k for k-means (None: no k-means)
+    seed: int = 0
 
 
-def _with_embeddings(obs: pd.DataFrame, emb: np.ndarray) -> pd.DataFrame:
-    cols = pd.DataFrame(emb.astype(np.float32), columns=[f"e{i}" for i in range(emb.shape[1])])
-    return pd.concat([obs.reset_index(drop=True), cols], axis=1)
-
-
-def embed_segmented(
-    segmented: list[SegmentedImage],
-    model: str = "default",
-    weights: str | None = None,
-    crop_size: int = 96,
+def analyze_store(
+    store,
+    levels: list[str] | None = None,
+    settings: AnalysisSettings | None = None,
     progress: ProgressCallback | None = None,
-) -> tuple[dict[str, pd.DataFrame], dict]:
-    """Embed every segmented cell of the 2D images at three levels with one model.
+) -> dict[str, dict]:
+    """PCA, UMAP, Leiden (and k-means), "what drives these clusters" and the effective rank of
+    each level; every result is written back into the store. Rows whose embedding is missing
+    (masked patches) or that fail the filters get NA. Returns a summary per level."""
+    import time
 
-    Single-cell crops of ``crop_size`` go through the inference engine (worker process);
-    returns one table per level (``global``, ``channel``, ``patch``: the observation columns
-    plus ``e0``, ``e1``, ...) and the model's facts (name, weights file and sha256). z-stacks
-    are skipped: the 2D models do not take them.
-    """
-    from .inference import LEVELS, EngineConfig, InferenceEngine
+    from .analysis import apply_filters, effective_rank, kmeans, leiden, pca, umap_embed
+    from .diagnostics import what_drives
 
-    tables: dict[str, list[pd.DataFrame]] = {lvl: [] for lvl in LEVELS}
-    cfg = EngineConfig(model=model, weights=weights, levels=LEVELS)
-    with InferenceEngine(cfg) as engine:
-        info = engine.info
-        for s in segmented:
-            image = s.image
-            if image.is_3d:
-                continue
-            data = normalize(image.to_numpy(), name=image.name, channel_names=image.channel_names)
-            crops = cell_crops(data, s.segmentation.labels, crop_size, image.name,
-                               image.channel_names)  # fmt: skip
-            results = list(engine.embed(crops.crops, progress=progress))
-            glob = np.concatenate([r.global_embedding for r in results])
-            chan = np.concatenate([r.channel_embeddings for r in results])
-            patch = np.concatenate([r.patch_embeddings for r in results])
-            n, n_c = chan.shape[:2]
-            cells = pd.DataFrame({
-                "dataset": image.dataset, "image": image.name, "cell_id": crops.cell_ids,
-                "centroid_y": crops.centroids[:, -2], "centroid_x": crops.centroids[:, -1],
-            })  # fmt: skip
-            tables["global"].append(_with_embeddings(_obs(cells, "global"), glob))
-            per_channel = cells.loc[cells.index.repeat(n_c)].reset_index(drop=True)
-            per_channel["channel"] = list(image.channel_names) * n
-            tables["channel"].append(
-                _with_embeddings(_obs(per_channel, "channel"), chan.reshape(n * n_c, -1))
+    settings = settings or AnalysisSettings()
+    levels = levels or store.levels()
+    out = {}
+    for level in levels:
+        t0 = time.perf_counter()
+        report(progress, 0, 5, f"analysing {level}")
+        obs, X = store.read_level(level)
+        valid = np.isfinite(X).all(axis=1)
+        keep = apply_filters(
+            obs, settings.foreground, settings.central, settings.balance_by,
+            settings.max_rows, settings.seed,
+        )  # fmt: skip
+        rows = keep[valid[keep]]
+        if len(rows) < 10:
+            raise MaeprobeInputError(
+                f"only {len(rows)} {level} rows are left to analyse after the filters",
+                "loosen the filters (--foreground/--central/--max-rows) or embed more cells",
             )
-            ptable = patch_table(crops, info.patch_size, per_channel=True, dataset=image.dataset)
-            # the patch table runs channel by channel, then crop, then row and column
-            emb = patch.transpose(1, 0, 2, 3, 4).reshape(-1, patch.shape[-1])
-            tables["patch"].append(_with_embeddings(_obs(ptable, "patch"), emb))
-    facts = dict(
-        model=info.name, weights=info.weights_name, weights_sha256=info.weights_sha256,
-        embed_dim=info.embed_dim, patch_size=list(info.patch_size), precision=info.precision,
-        device=info.device, crop_size=crop_size,
-    )  # fmt: skip
-    return {lvl: pd.concat(t, ignore_index=True) for lvl, t in tables.items() if t}, facts
+        Xs = X[rows]
+        P = pca(Xs, settings.n_pcs, seed=settings.seed)
+        report(progress, 1, 5, f"analysing {level}")
+        balance = None
+        if settings.balance_by:
+            balance = obs[settings.balance_by].astype(str).to_numpy()[rows]
+        U, umap_info = umap_embed(
+            P, settings.n_neighbors, settings.min_dist, seed=settings.seed,
+            max_fit=settings.umap_max_fit, balance_by=balance, progress=progress,
+        )  # fmt: skip
+        report(progress, 2, 5, f"analysing {level}")
+        clusters = leiden(P, settings.n_neighbors, settings.resolution, seed=settings.seed)
+        columns = {"leiden": _labels_column(clusters, rows, len(obs))}
+        if settings.kmeans:
+            columns["kmeans"] = _labels_column(
+                kmeans(P, settings.kmeans, seed=settings.seed), rows, len(obs)
+            )
+        analysed = np.zeros(len(obs), dtype=bool)
+        analysed[rows] = True
+        columns["analysed"] = pd.Series(analysed)
+        report(progress, 3, 5, f"analysing {level}")
+        sub = obs.iloc[rows].reset_index(drop=True)
+        drivers = what_drives(P, sub, clusters, n_neighbors=settings.n_neighbors,
+                              seed=settings.seed, labels_name="leiden")  # fmt: skip
+        report(progress, 4, 5, f"analysing {level}")
+        rank = effective_rank(X[valid])
+        arrays = {"X_pca": _scatter_rows(P, rows, len(obs)),
+                  "X_umap": _scatter_rows(U, rows, len(obs))}  # fmt: skip
+        summary = {
+            "level": level, "rows": int(len(obs)), "analysed_rows": int(len(rows)),
+            "n_pcs": int(P.shape[1]), "n_leiden": int(clusters.max() + 1),
+            "effective_rank": float(rank), "umap": umap_info,
+            "settings": {k: v for k, v in vars(settings).items()},
+            "verdict": drivers.verdict, "seconds": round(time.perf_counter() - t0, 2),
+        }  # fmt: skip
+        store.write_analysis(level, arrays, columns, {**summary, "drivers": drivers.to_dict()})
+        report(progress, 5, 5, f"analysing {level}")
+        out[level] = summary
+    return out
 
 
-def _obs(frame: pd.DataFrame, level: str) -> pd.DataFrame:
-    """``frame`` with every observation column (missing ones as NA) in contract order."""
-    out = pd.DataFrame({"level": [level] * len(frame)})
-    for col in OBS_COLUMNS[1:]:
-        out[col] = frame[col].to_numpy() if col in frame else pd.NA
-    out["channel"] = out["channel"].astype("string")
-    for col in ("cell_id", "patch_row", "patch_col", "patch_z"):
-        out[col] = out[col].astype("Int64")
-    for col in ("centroid_y", "centroid_x", "centroid_z", "patch_intensity", "boundary_fraction"):
-        out[col] = out[col].astype("Float64")
-    for col in ("foreground", "central"):
-        out[col] = out[col].astype("boolean")
+def _scatter_rows(values: np.ndarray, rows: np.ndarray, n: int) -> np.ndarray:
+    full = np.full((n, values.shape[1]), np.nan, dtype=np.float32)
+    full[rows] = values
+    return full
+
+
+def _labels_column(labels: np.ndarray, rows: np.ndarray, n: int) -> pd.Series:
+    codes = np.full(n, -1, dtype=np.int64)
+    codes[rows] = labels
+    cats = [str(c) for c in range(int(labels.max()) + 1)]
+    return pd.Series(pd.Categorical.from_codes(codes, categories=cats))
+
+
+def evaluate_store(
+    store,
+    levels: list[str] | None = None,
+    probes: list[str] | tuple[str, ...] = (),
+    max_rows: int = 20_000,
+    top_fraction: float = 0.25,
+    seed: int = 0,
+) -> dict[str, dict]:
+    """Effective rank and linear probes of each level, and, when attention maps were stored,
+    how well the most-attended patches cover each cell (attention IoU, per cell)."""
+    from .analysis import effective_rank
+    from .evaluation import attention_iou, linear_probe
+    from .preprocessing import extract_windows
+
+    levels = levels or store.levels()
+    out: dict[str, dict] = {}
+    for level in levels:
+        obs, X = store.read_level(level)
+        valid = np.flatnonzero(np.isfinite(X).all(axis=1))
+        if len(valid) > max_rows:  # a uniform sample keeps probes and SVD quick
+            valid = np.sort(np.random.default_rng(seed).choice(valid, max_rows, replace=False))
+        res: dict = {"rows": int(len(obs)), "evaluated_rows": int(len(valid)),
+                     "embed_dim": int(X.shape[1]),
+                     "effective_rank": float(effective_rank(X[valid]))}  # fmt: skip
+        for col in probes:
+            if col not in obs:
+                raise MaeprobeInputError(
+                    f"no column {col!r} to probe in the {level} table",
+                    f"use one of: {', '.join(map(str, obs.columns))}",
+                )
+            y = obs[col].iloc[valid]
+            if y.nunique(dropna=True) < 2:  # e.g. patch_row at the global level
+                res.setdefault("skipped_probes", {})[col] = "fewer than 2 values at this level"
+                continue
+            res.setdefault("probes", {})[col] = linear_probe(X[valid], y, seed=seed)
+        out[level] = res
+    ious = []
+    for i, _ in enumerate(store.image_names()):
+        att = store.read_cells("attention", i)
+        if att is None or not store.has_labels(i):
+            continue
+        att = att.astype(np.float32).mean(axis=1)  # over heads
+        patch = tuple(store.facts["patch_size"])
+        if att.ndim == len(patch) + 2:  # channel-agnostic: one map per channel, averaged
+            att = att.mean(axis=1)
+        origins = store.read_cells("origins", i)
+        obs = store.read_obs("global", images=[i]) if "global" in store.levels() else None
+        labels = store.labels(i)
+        ids = obs["cell_id"].to_numpy(np.int64) if obs is not None else None
+        if ids is None:
+            continue
+        size = tuple(np.asarray(att.shape[1:]) * np.asarray(patch))
+        windows = extract_windows(labels, origins, size)
+        masks = windows == ids.reshape((-1,) + (1,) * len(size))
+        ious.append(attention_iou(att, masks, top_fraction))
+    if ious:
+        values = np.concatenate(ious)
+        entry = out.setdefault("global", {})
+        entry["attention_iou"] = {"mean": float(np.nanmean(values)),
+                                  "median": float(np.nanmedian(values)),
+                                  "cells": int(np.isfinite(values).sum()),
+                                  "top_fraction": top_fraction}  # fmt: skip
     return out
