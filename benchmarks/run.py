@@ -13,7 +13,11 @@ ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "benchmarks.md"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-BENCHMARKS = {"preprocessing": "bench_preprocessing", "inference": "bench_inference"}
+BENCHMARKS = {
+    "preprocessing": "bench_preprocessing",
+    "inference": "bench_inference",
+    "analysis": "bench_analysis",
+}
 
 
 def machine() -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -21,3 +23,13 @@ def shared_dir() -> Path:
     if not SHARED.is_dir():
         pytest.skip("../shared/data is not beside this checkout")
     return SHARED
+
+
+def maeprobe(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    """Run the ``maeprobe`` command line in a subprocess, as a user would."""
+    return subprocess.run(
+        [sys.executable, "-m", "napari_maeprobe.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

@@ -1,8 +1,10 @@
-"""`maeprobe demo` on the bundled samples: what it writes, and its napari view."""
+"""`maeprobe demo` on the bundled samples: segmentation, the store, the analysis, the .h5ad
+export, the report, and its napari view."""
 
 from __future__ import annotations
 
 import os
+import re
 
 import numpy as np
 import pandas as pd
@@ -10,9 +12,7 @@ import pytest
 import tifffile
 
 from napari_maeprobe.demo import run_demo, show_demo
-from napari_maeprobe.preprocessing import PATCH_COLUMNS
-
-OBS_COLUMNS = [c for c in PATCH_COLUMNS if c != "crop_index"]
+from napari_maeprobe.embedding import OBS_COLUMNS
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +20,7 @@ def demo(tmp_path_factory):
     return run_demo(tmp_path_factory.mktemp("demo"), method="builtin")
 
 
-def test_demo_writes_labels_boundaries_and_patch_table(demo):
+def test_demo_writes_labels_boundaries_and_overlays(demo):
     out = demo.out_dir
     summary = pd.read_csv(out / "segmentation" / "segmentation_summary.csv")
     assert list(summary.dataset) == [
@@ -35,48 +35,49 @@ def test_demo_writes_labels_boundaries_and_patch_table(demo):
         boundary = tifffile.imread(out / "segmentation" / f"{row['image']}_boundary.tif")
         assert boundary.shape == labels.shape
         assert (out / f"overlay_{row['image']}.png").is_file()
-    patches = pd.read_parquet(out / "patches.parquet")
-    assert set(OBS_COLUMNS) <= set(patches.columns)
-    assert len(patches) == len(pd.read_csv(out / "patches.csv"))
-    # 3D patches only for the z-stack, one row per cell x channel x patch elsewhere
-    z = patches[patches.dataset == "cells3d_nuclei_3d_labels"]
-    assert (
-        z.patch_z.notna().all()
-        and patches[patches.dataset != z.dataset.iloc[0]].patch_z.isna().all()
-    )
-    cp = patches[patches.dataset == "alsf_cellpainting_6ch"]
-    assert set(cp.channel) == {"Brightfield", "ER", "AGP", "Mito", "DNA", "RNA"}
-    n_cells = summary.set_index("dataset").n_cells["alsf_cellpainting_6ch"]
-    assert len(cp) == n_cells * 6 * 64  # 96-px crops, 12-px patches (the default model's grid)
-    assert 0 < patches.boundary_fraction.mean() < 1
-    assert not any(p.name.startswith(".") for p in out.rglob("*"))  # no temporary files left
+    assert not any(p.name.startswith(".") for p in out.glob("*"))  # no temporary files left
 
 
-def test_demo_embeds_every_2d_cell_at_three_levels(demo):
-    out = demo.out_dir
+def test_demo_h5ad_has_every_level_and_contract_column_and_clusters_in_scanpy(demo):
+    import scanpy as sc
+
+    adata = sc.read_h5ad(demo.out_dir / "embeddings.h5ad")
     n2d = demo.summary[demo.summary.dataset != "cells3d_nuclei_3d_labels"].n_cells.sum()
-    glob = pd.read_parquet(out / "embeddings_global.parquet")
-    chan = pd.read_parquet(out / "embeddings_channel.parquet")
-    patch = pd.read_parquet(out / "embeddings_patch.parquet")
-    assert len(glob) == n2d and set(glob.level) == {"global"}
-    assert len(chan) == 40 * 6 + 346 * 3 + len(glob[glob.dataset == "imc_bodenmiller_5ch"]) * 5
-    assert len(patch) == len(chan) * 64
-    emb = [f"e{i}" for i in range(144)]
-    for table in (glob, chan, patch):
-        assert set(OBS_COLUMNS) | {"level"} <= set(table.columns)
-        assert np.isfinite(table[emb].to_numpy()).all()
-    assert glob.channel.isna().all() and patch.patch_row.between(0, 7).all()
-    # the patch rows line up with the patch table: same cells, channels and positions
-    key = ["image", "cell_id", "channel", "patch_row", "patch_col"]
-    cp_patches = demo.patches[demo.patches.dataset != "cells3d_nuclei_3d_labels"]
-    pd.testing.assert_frame_equal(
-        patch[key].reset_index(drop=True), cp_patches[key].reset_index(drop=True), check_dtype=False
-    )
-    # the same cell's global embedding is the mean of its patch tokens over channels and grid
-    first = patch[(patch.image == glob.image[0]) & (patch.cell_id == glob.cell_id[0])]
-    np.testing.assert_allclose(first[emb].mean().to_numpy(), glob.loc[0, emb].to_numpy(), atol=1e-4)
-    info = demo.model
-    assert info["model"] == "default" and len(info["weights_sha256"]) == 64
+    counts = adata.obs["level"].value_counts()
+    assert counts["global"] == n2d
+    n_imc = (adata.obs.query("level == 'global'").dataset == "imc_bodenmiller_5ch").sum()
+    assert counts["channel"] == 40 * 6 + 346 * 3 + n_imc * 5
+    assert counts["patch"] == counts["channel"] * 64  # 96-px crops, 12-px patches
+    assert set(OBS_COLUMNS) | {"leiden"} <= set(adata.obs.columns)
+    assert adata.X.dtype == np.float32 and np.isfinite(adata.X).all()
+    assert adata.obsm["X_umap"].shape == (adata.n_obs, 2)
+    assert np.isfinite(adata.obsm["X_umap"]).all()  # every row analysed in the demo
+    meta = adata.uns["maeprobe"]
+    assert meta["model"] == "default" and len(meta["weights_sha256"]) == 64
+    assert "crop_size" in meta and "masking" in meta and meta["package_version"]
+    glob = adata[adata.obs.level == "global"].copy()
+    assert glob.obs.channel.isna().all() and glob.obs.patch_row.isna().all()
+    sc.pp.neighbors(glob, use_rep="X")
+    sc.tl.leiden(glob, flavor="igraph", n_iterations=2, key_added="leiden_scanpy")
+    assert glob.obs["leiden_scanpy"].nunique() > 1
+    patch = adata[adata.obs.level == "patch"]
+    assert patch.obs.patch_row.between(0, 7).all() and patch.obs.foreground.any()
+
+
+def test_demo_report_shows_umaps_by_channel_position_dataset_cluster_and_diagnostics(demo):
+    html = (demo.out_dir / "report.html").read_text()
+    pngs = set(re.findall(r'src="([^"]+\.png)"', html))
+    for column in ("channel", "patch_row", "patch_col", "dataset", "leiden"):
+        assert f"umap_patch_{column}.png" in pngs
+    assert "umap_global_dataset.png" in pngs and "drivers_patch.png" in pngs
+    for png in pngs:
+        assert (demo.out_dir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for a in demo.analysis.values():
+        assert a["verdict"] in html.replace("&#x27;", "'")
+        assert a["effective_rank"] > 1
+    # on the bundled data, patch clusters follow position within the crop (what the report
+    # must tell the user) more than anything biological
+    assert re.match(r"clusters follow patch_(row|col)", demo.analysis["patch"]["verdict"])
 
 
 @pytest.mark.gui
