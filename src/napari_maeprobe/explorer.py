@@ -1,0 +1,296 @@
+"""What the linked explorer shows, without Qt: one level's points, and how points map to pixels.
+
+The GUI keeps one table of observations per level (the store's ``obs``, or an ``.h5ad``'s) as the
+single source of truth; these functions turn a selection of its rows into pixels on the image
+(patch footprints, cell outlines, attention maps, masked reconstructions) and a click on the
+image into rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .errors import MaeprobeInputError
+
+
+@dataclass
+class ExplorerData:
+    """One level of a store (or ``.h5ad``) as the explorer needs it."""
+
+    level: str
+    obs: pd.DataFrame
+    coords: dict[str, np.ndarray]  # "UMAP", "PCA": (n, 2), NaN where not computed
+    patch_size: tuple[int, ...]
+    crop_size: tuple[int, ...]
+    source: Path
+    store: object | None = None  # the EmbeddingStore, when there is one
+    image_index: dict[str, int] = field(default_factory=dict)  # image name -> store index
+    drivers: object | None = None  # the stored DriversReport of this level, if analysed
+    X: np.ndarray | None = None  # the embeddings (float32), for diagnostics of selections
+
+    @property
+    def n(self) -> int:
+        return len(self.obs)
+
+
+def available_levels(path: str | Path) -> list[str]:
+    """The levels a store or ``.h5ad`` holds."""
+    path = Path(path)
+    if path.suffix == ".h5ad":
+        import anndata as ad
+
+        obs = ad.read_h5ad(path, backed="r").obs
+        return [lvl for lvl in ("global", "channel", "patch") if (obs["level"] == lvl).any()]
+    from .store import EmbeddingStore
+
+    return EmbeddingStore(path).levels()
+
+
+def load_level(path: str | Path, level: str = "patch") -> ExplorerData:
+    """Read one level of a store (``.zarr``) or an exported ``.h5ad`` for the explorer."""
+    path = Path(path)
+    if path.suffix == ".h5ad":
+        return _from_h5ad(path, level)
+    from .diagnostics import DriversReport
+    from .export import level_table
+    from .store import EmbeddingStore
+
+    store = EmbeddingStore(path)
+    obs, X, obsm, attrs = level_table(store, level)
+    facts = store.facts
+    drivers = DriversReport.from_dict(attrs["drivers"]) if attrs.get("drivers") else None
+    return ExplorerData(
+        level=level,
+        obs=obs,
+        coords=_coords(obsm, len(obs)),
+        patch_size=tuple(facts.get("patch_size", (16, 16))),
+        crop_size=tuple(facts.get("crop_size", (96, 96))),
+        source=path,
+        store=store,
+        image_index={name: i for i, name in enumerate(store.image_names())},
+        drivers=drivers,
+        X=X,
+    )
+
+
+def _coords(obsm: dict, n: int) -> dict[str, np.ndarray]:
+    out = {}
+    if "X_umap" in obsm:
+        out["UMAP"] = np.asarray(obsm["X_umap"], dtype=np.float32)[:, :2]
+    if "X_pca" in obsm:
+        out["PCA"] = np.asarray(obsm["X_pca"], dtype=np.float32)[:, :2]
+    if not out:
+        raise MaeprobeInputError(
+            f"no UMAP or PCA coordinates for this level ({n} rows)",
+            "run `maeprobe analyze STORE` first (or the Analyze button)",
+        )
+    return out
+
+
+def _from_h5ad(path: Path, level: str) -> ExplorerData:
+    import anndata as ad
+
+    from .diagnostics import DriversReport
+
+    adata = ad.read_h5ad(path)
+    if "level" not in adata.obs:
+        raise MaeprobeInputError(f"{path} has no 'level' column", "open a maeprobe export")
+    sub = adata[(adata.obs["level"] == level).to_numpy()]
+    if sub.n_obs == 0:
+        raise MaeprobeInputError(
+            f"{path} has no {level!r} rows", "pick another level, or export that level"
+        )
+    meta = dict(adata.uns.get("maeprobe", {}))
+    drivers = None
+    d = adata.uns.get("maeprobe_drivers", {}).get(level)
+    if d is not None:
+        drivers = DriversReport(
+            pd.DataFrame(d["table"]), str(d.get("verdict", "")), str(d.get("labels", ""))
+        )
+    return ExplorerData(
+        level=level,
+        obs=sub.obs.reset_index(drop=True),
+        coords=_coords(dict(sub.obsm), sub.n_obs),
+        patch_size=tuple(int(v) for v in np.atleast_1d(meta.get("patch_size", (16, 16)))),
+        crop_size=tuple(int(v) for v in np.atleast_1d(meta.get("crop_size", (96, 96)))),
+        source=path,
+        drivers=drivers,
+        X=np.asarray(sub.X, dtype=np.float32),
+    )
+
+
+# --------------------------------------------------------------------------- rows -> pixels
+
+
+def patch_boxes(obs: pd.DataFrame, patch_size: tuple[int, ...]) -> np.ndarray:
+    """Footprints of patch rows in source-image pixels: (n, 2*nd) as ([z0,] y0, x0, [z1,] y1, x1),
+    from each patch's centre (``centroid_*``) and the patch size."""
+    nd = len(patch_size)
+    cols = ["centroid_z", "centroid_y", "centroid_x"][-nd:]
+    centres = obs[cols].to_numpy(dtype=np.float64)
+    half = np.asarray(patch_size, dtype=np.float64) / 2.0
+    lo = np.floor(centres - half + 0.5).astype(np.int64)
+    return np.concatenate([lo, lo + np.asarray(patch_size)], axis=1)
+
+
+def highlight_image(
+    data: ExplorerData,
+    rows: np.ndarray,
+    image: str,
+    shape: tuple[int, ...],
+    labels: np.ndarray | None = None,
+) -> np.ndarray:
+    """A label image (uint8, 1 = highlighted) of the selected rows of one image.
+
+    Patch rows paint their exact footprints (2D, or 3D for 3D patches); cell and channel rows
+    paint their cell's mask (``labels``; without labels, the crop window around its centroid).
+    """
+    out = np.zeros(shape, dtype=np.uint8)
+    sel = data.obs.iloc[np.asarray(rows, dtype=np.int64)]
+    sel = sel[sel["image"].astype(str) == image]
+    if sel.empty:
+        return out
+    if data.level == "patch":
+        boxes = patch_boxes(sel, data.patch_size)
+        nd = len(data.patch_size)
+        boxes = np.unique(boxes, axis=0)
+        if nd == 2 and len(shape) == 2:
+            _paint_boxes_2d(out, boxes)
+        else:
+            for b in boxes:
+                sl = tuple(
+                    slice(max(0, b[i]), max(0, min(shape[i - len(shape) + nd], b[nd + i])))
+                    for i in range(nd)
+                )
+                out[(Ellipsis, *sl)] = 1
+        return out
+    cells = sel["cell_id"].dropna().astype(np.int64).unique()
+    if labels is not None:
+        out[np.isin(labels, cells)] = 1
+        return out
+    boxes = patch_boxes(sel.drop_duplicates("cell_id"), data.crop_size)
+    _paint_boxes_2d(out, boxes)
+    return out
+
+
+def _paint_boxes_2d(out: np.ndarray, boxes: np.ndarray) -> None:
+    """Paint many axis-aligned boxes at once with a 2D difference image and cumulative sums."""
+    h, w = out.shape[-2:]
+    y0 = np.clip(boxes[:, 0], 0, h)
+    x0 = np.clip(boxes[:, 1], 0, w)
+    y1 = np.clip(boxes[:, 2], 0, h)
+    x1 = np.clip(boxes[:, 3], 0, w)
+    keep = (y1 > y0) & (x1 > x0)
+    diff = np.zeros((h + 1, w + 1), dtype=np.int32)
+    np.add.at(diff, (y0[keep], x0[keep]), 1)
+    np.add.at(diff, (y0[keep], x1[keep]), -1)
+    np.add.at(diff, (y1[keep], x0[keep]), -1)
+    np.add.at(diff, (y1[keep], x1[keep]), 1)
+    cover = diff.cumsum(axis=0).cumsum(axis=1)[:h, :w]
+    out[..., :, :] = np.maximum(out, (cover > 0).astype(np.uint8))
+
+
+def cell_outlines(labels: np.ndarray, cells: np.ndarray) -> np.ndarray:
+    """Outlines (uint8) of the given cells of a label image."""
+    from .boundaries import boundary_map
+
+    mask = np.where(np.isin(labels, cells), labels, 0)
+    return (boundary_map(mask) & (mask > 0)).astype(np.uint8)
+
+
+def selected_cells(data: ExplorerData, rows: np.ndarray) -> pd.DataFrame:
+    """The distinct (image, cell_id) pairs behind some rows."""
+    sel = data.obs.iloc[np.asarray(rows, dtype=np.int64)][["image", "cell_id"]].dropna()
+    return sel.drop_duplicates().reset_index(drop=True)
+
+
+# --------------------------------------------------------------------------- pixels -> rows
+
+
+def rows_at(
+    data: ExplorerData,
+    image: str,
+    point: tuple[float, ...],
+    labels: np.ndarray | None = None,
+) -> np.ndarray:
+    """Rows under a clicked pixel of an image: at the patch level the patches whose footprint
+    holds it; at the cell levels (and for patches, when the click is on a cell of ``labels``)
+    every row of the clicked cell."""
+    obs = data.obs
+    in_image = (obs["image"].astype(str) == image).to_numpy()
+    point = np.asarray(point, dtype=np.float64)
+    if labels is not None:
+        idx = tuple(int(round(v)) for v in point[-labels.ndim :])
+        if all(0 <= i < s for i, s in zip(idx, labels.shape)) and labels[idx] > 0:
+            cell = int(labels[idx])
+            return np.flatnonzero(in_image & (obs["cell_id"] == cell).fillna(False).to_numpy())
+    if data.level != "patch":
+        return np.zeros(0, dtype=np.int64)
+    nd = len(data.patch_size)
+    boxes = patch_boxes(obs, data.patch_size)
+    p = point[-nd:]
+    inside = ((boxes[:, :nd] <= p) & (p < boxes[:, nd:])).all(axis=1)
+    return np.flatnonzero(inside & in_image)
+
+
+# --------------------------------------------------------------------------- stored maps
+
+
+def paste_cells(
+    data: ExplorerData,
+    name: str,
+    image: str,
+    cells: np.ndarray,
+    shape: tuple[int, ...],
+    channel: int | None = None,
+) -> np.ndarray | None:
+    """Paste the stored per-cell maps (``attention`` or ``reconstruction``) of some cells of an
+    image back at their crop positions, as an image of ``shape`` (NaN elsewhere).
+
+    Attention is averaged over heads (and channels for channel-agnostic models) and upsampled
+    to pixels; reconstructions give ``channel`` (default: the mean over channels). ``None``
+    when the store has no such maps (embed with --with-attention / --with-reconstruction).
+    """
+    store = data.store
+    if store is None or image not in data.image_index:
+        return None
+    i = data.image_index[image]
+    maps = store.read_cells(name, i)
+    if maps is None:
+        return None
+    origins = store.read_cells("origins", i)
+    ids = store.read_obs("global", images=[i])["cell_id"].to_numpy(np.int64) if (
+        "global" in store.levels()
+    ) else None  # fmt: skip
+    if ids is None:
+        return None
+    want = np.isin(ids, np.asarray(cells, dtype=np.int64))
+    out = np.full(shape, np.nan, dtype=np.float32)
+    nd = len(data.patch_size)
+    for k in np.flatnonzero(want):
+        m = maps[k].astype(np.float32)
+        if name == "attention":
+            m = m.mean(axis=0)  # heads
+            while m.ndim > nd:
+                m = m.mean(axis=0)  # channels
+            for ax, p in enumerate(data.patch_size):
+                m = np.repeat(m, p, axis=ax)
+            m = m / max(float(np.nanmax(m)), 1e-12)
+        else:
+            m = m[channel] if channel is not None else m.mean(axis=0)
+        o = origins[k]
+        dst, src = [], []
+        for ax in range(nd):
+            start = int(o[ax])
+            lo, hi = max(0, start), min(shape[ax - nd], start + m.shape[ax])
+            if hi <= lo:
+                break
+            dst.append(slice(lo, hi))
+            src.append(slice(lo - start, hi - start))
+        else:
+            out[(Ellipsis, *dst)] = m[tuple(src)]
+    return out
