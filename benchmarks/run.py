@@ -17,6 +17,7 @@ BENCHMARKS = {
     "preprocessing": "bench_preprocessing",
     "inference": "bench_inference",
     "analysis": "bench_analysis",
+    "store": "bench_store",
 }
 
 

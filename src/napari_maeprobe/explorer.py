@@ -248,12 +248,13 @@ def paste_cells(
     shape: tuple[int, ...],
     channel: int | None = None,
 ) -> np.ndarray | None:
-    """Paste the stored per-cell maps (``attention`` or ``reconstruction``) of some cells of an
-    image back at their crop positions, as an image of ``shape`` (NaN elsewhere).
+    """Paste the stored per-cell maps (``attention``, ``reconstruction`` or ``mask``) of some
+    cells of an image back at their crop positions, as an image of ``shape`` (NaN elsewhere).
 
-    Attention is averaged over heads (and channels for channel-agnostic models) and upsampled
-    to pixels; reconstructions give ``channel`` (default: the mean over channels). ``None``
-    when the store has no such maps (embed with --with-attention / --with-reconstruction).
+    Attention is averaged over heads (and channels for channel-agnostic models), scaled to
+    [0, 1] per cell and upsampled to pixels; masks become the share of channels masked per
+    pixel; reconstructions give ``channel`` (default: the mean over channels). ``None`` when
+    the store has no such maps (embed with --with-attention / --with-reconstruction).
     """
     store = data.store
     if store is None or image not in data.image_index:
@@ -273,13 +274,15 @@ def paste_cells(
     nd = len(data.patch_size)
     for k in np.flatnonzero(want):
         m = maps[k].astype(np.float32)
-        if name == "attention":
-            m = m.mean(axis=0)  # heads
+        if name in ("attention", "mask"):
+            if name == "attention":
+                m = m.mean(axis=0)  # heads
             while m.ndim > nd:
-                m = m.mean(axis=0)  # channels
+                m = m.mean(axis=0)  # channels: for masks, the share of channels masked
             for ax, p in enumerate(data.patch_size):
                 m = np.repeat(m, p, axis=ax)
-            m = m / max(float(np.nanmax(m)), 1e-12)
+            if name == "attention":
+                m = m / max(float(np.nanmax(m)), 1e-12)
         else:
             m = m[channel] if channel is not None else m.mean(axis=0)
         o = origins[k]

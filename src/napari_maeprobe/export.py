@@ -122,17 +122,22 @@ def collect(
 
 def to_anndata(store: EmbeddingStore, levels: Sequence[str] | None = None):
     """The store (some levels, default all) as an AnnData object (see the module docstring)."""
+    return make_anndata(*collect(store, levels))
+
+
+def make_anndata(obs: pd.DataFrame, X: np.ndarray, obsm: dict, uns: dict):
+    """An AnnData from the pieces :func:`collect` returns (or a selection of their rows)."""
     import anndata as ad
 
-    obs, X, obsm, uns = collect(store, levels)
-    adata = ad.AnnData(X=X, obs=obs)
-    adata.var_names = [f"e{i}" for i in range(X.shape[1])]
-    for k, v in obsm.items():
-        adata.obsm[k] = v
-    maeprobe = _uns_safe(uns["maeprobe"])
-    adata.uns["maeprobe"] = maeprobe
     from .diagnostics import DriversReport
 
+    obs = obs.copy()
+    obs.index = obs.index.astype(str)
+    adata = ad.AnnData(X=np.asarray(X, dtype=np.float32), obs=obs)
+    adata.var_names = [f"e{i}" for i in range(adata.n_vars)]
+    for k, v in obsm.items():
+        adata.obsm[k] = np.asarray(v)
+    adata.uns["maeprobe"] = _uns_safe(uns.get("maeprobe", {}))
     for level, d in uns.get("maeprobe_drivers", {}).items():
         drivers = DriversReport.from_dict(d)
         adata.uns.setdefault("maeprobe_drivers", {})[level] = {
@@ -141,6 +146,36 @@ def to_anndata(store: EmbeddingStore, levels: Sequence[str] | None = None):
             "table": drivers.table,
         }
     return adata
+
+
+def write_rows(
+    obs: pd.DataFrame,
+    X: np.ndarray,
+    obsm: dict[str, np.ndarray],
+    uns: dict,
+    fmt: str,
+    out: str | Path,
+) -> Path:
+    """Write rows (a whole store's or a selection's) as h5ad, parquet or csv, atomically."""
+    if fmt not in FORMATS:
+        raise MaeprobeInputError(f"unknown export format {fmt!r}", "use h5ad, parquet or csv")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if fmt == "h5ad":
+        adata = make_anndata(obs, X, obsm, uns)
+        _atomic_write(out, lambda p: adata.write_h5ad(p))
+        return out
+    table = obs.reset_index(drop=True)
+    if "X_umap" in obsm:
+        table["umap_1"], table["umap_2"] = obsm["X_umap"][:, 0], obsm["X_umap"][:, 1]
+    emb = pd.DataFrame(np.asarray(X, dtype=np.float32),
+                       columns=[f"e{i}" for i in range(X.shape[1])])  # fmt: skip
+    table = pd.concat([table, emb], axis=1)
+    if fmt == "parquet":
+        _atomic_write(out, lambda p: table.to_parquet(p, index=False))
+    else:
+        _atomic_write(out, lambda p: table.to_csv(p, index=False))
+    return out
 
 
 def export_store(
@@ -155,20 +190,4 @@ def export_store(
     if fmt not in FORMATS:
         raise MaeprobeInputError(f"unknown export format {fmt!r}", "use h5ad, parquet or csv")
     levels = [level] if isinstance(level, str) else level
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if fmt == "h5ad":
-        adata = to_anndata(store, levels)
-        _atomic_write(out, lambda p: adata.write_h5ad(p))
-        return out
-    obs, X, obsm, _ = collect(store, levels)
-    table = obs.reset_index(drop=True)
-    if "X_umap" in obsm:
-        table["umap_1"], table["umap_2"] = obsm["X_umap"][:, 0], obsm["X_umap"][:, 1]
-    emb = pd.DataFrame(X, columns=[f"e{i}" for i in range(X.shape[1])])
-    table = pd.concat([table, emb], axis=1)
-    if fmt == "parquet":
-        _atomic_write(out, lambda p: table.to_parquet(p, index=False))
-    else:
-        _atomic_write(out, lambda p: table.to_csv(p, index=False))
-    return out
+    return write_rows(*collect(store, levels), fmt, out)

@@ -1,1 +1,1 @@
-"""napari integration: reader, sample data and (later) widgets. Thin wrappers over the library."""
+"""napari integration: reader, sample data and dock widgets. Thin wrappers over the library."""

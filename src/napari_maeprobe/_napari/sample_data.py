@@ -37,3 +37,41 @@ def nuclei3d() -> list[tuple]:
 def spots3d() -> list[tuple]:
     """Two-colour 3D stack."""
     return _layers("spots3d")
+
+
+def imc_with_embeddings() -> list[tuple]:
+    """IMC region with precomputed embeddings of the bundled default model: the image, its cells,
+    and the explorer opened on the precomputed store (all three levels, UMAP, Leiden,
+    diagnostics, attention maps), so the linked views work within seconds."""
+    from ..samples import sample_data_dir
+
+    store = sample_data_dir() / "embeddings" / "imc_default.zarr"
+    image, labels = load_sample("imc")
+    layers = image_layers(image)
+    layers.append(labels_layer(labels, f"{image.name} cells", image.scale))
+    _open_explorer_later(store)
+    return layers
+
+
+def _open_explorer_later(store) -> None:
+    """Once napari has added the layers, dock the explorer on the current viewer with ``store``."""
+    import napari
+    from qtpy.QtCore import QTimer
+
+    def open_it() -> None:
+        viewer = napari.current_viewer()
+        if viewer is None:
+            return
+        from .dock import explorer_widget
+        from .hub import hub_for
+
+        hub = hub_for(viewer)
+        if hub.explorer is None:  # one explorer per viewer; it loads the hub's last store
+            hub.last_store = store
+            viewer.window.add_dock_widget(
+                explorer_widget(viewer), name="maeprobe explorer", area="right"
+            )
+        else:
+            hub.store_ready.emit(store)
+
+    QTimer.singleShot(0, open_it)

@@ -1,0 +1,352 @@
+"""The work behind the dock widgets, without Qt: build images from layer arrays, segment, embed.
+
+The widgets only collect settings and show results; everything here runs in a worker thread
+(except :func:`build_image`, which is cheap and lazy) and talks back through plain callbacks, so
+it can be tested without a display.
+
+Cancelling an embedding (:class:`EmbedTask`) does two things: it makes the progress callback
+return ``False`` (so the library raises :class:`~napari_maeprobe.progress.Cancelled` at its next
+report), and it kills the inference worker process at once. The second is what makes a cancel
+take effect within a fraction of a second: the engine reports progress only after each batch it
+sends (64 crops on a CPU, seconds of work), and starting the model reports nothing at all. A
+killed worker makes the engine's receive loop (it polls every 0.2 s) stop with
+:class:`~napari_maeprobe.inference.WorkerCrashedError`, which the task turns into ``Cancelled``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import dask.array as da
+import numpy as np
+
+from ..errors import MaeprobeInputError
+from ..image import MicroscopyImage, guess_axes
+from ..progress import Cancelled
+
+log = logging.getLogger(__name__)
+
+Z_MODES = ("max", "slice", "keep")  # max projection, one slice, native 3D
+
+
+# --------------------------------------------------------------------------- images from layers
+
+
+@dataclass
+class ChannelSource:
+    """One channel of the image: a layer's array, or one index along its channel axis."""
+
+    data: Any  # numpy, dask or zarr array of the layer (level 0 of a multiscale layer)
+    name: str
+    layer: str  # the layer's name, for messages
+    axis: int | None = None  # the layer's channel axis, None when the layer is one channel
+    index: int = 0
+    scale: tuple[float, ...] = ()  # the layer's scale and translate, channel axis included
+    translate: tuple[float, ...] = ()
+    metadata: dict = field(default_factory=dict)
+
+    def array(self) -> da.Array:
+        """The channel as a lazy array with only spatial axes."""
+        arr = da.asarray(self.data) if not isinstance(self.data, da.Array) else self.data
+        if self.axis is not None:
+            arr = da.take(arr, self.index, axis=self.axis)
+        return arr
+
+    def spatial(self, values: Sequence[float]) -> tuple[float, ...]:
+        """``values`` (per layer axis) without the channel axis."""
+        out = [float(v) for v in values]
+        if self.axis is not None and len(out) == np.ndim(self.data):
+            del out[self.axis]
+        return tuple(out)
+
+
+@dataclass
+class BuiltImage:
+    """The image built from layers, with where it sits in the viewer (for aligned labels)."""
+
+    image: MicroscopyImage
+    scale: tuple[float, ...]  # per spatial axis of ``image`` (after projection)
+    translate: tuple[float, ...]
+
+
+def guess_channel_axis(shape: Sequence[int], rgb: bool = False, sample=None) -> int | None:
+    """The channel axis of a multichannel layer, or ``None`` for a single-channel layer.
+
+    RGB layers split along their last axis. A 3D layer counts as multichannel only when its
+    planes are unlike one another (needs the pixels: ``sample``); 4D layers go by their shape.
+    """
+    ndim = len(shape)
+    if rgb:
+        return ndim - 1
+    if ndim < 3 or (ndim == 3 and sample is None):
+        return None
+    try:
+        axes = guess_axes(tuple(int(s) for s in shape), None, sample=sample)
+    except MaeprobeInputError:
+        return None
+    if "C" not in axes or shape[axes.index("C")] < 2:
+        return None
+    return axes.index("C")
+
+
+def build_image(
+    channels: Sequence[ChannelSource],
+    z_mode: str = "max",
+    z_index: int | None = None,
+    name: str | None = None,
+) -> BuiltImage:
+    """One ``MicroscopyImage`` (CYX or CZYX, lazy) from the chosen channels, in their order.
+
+    ``z_mode``: what to do with z-stacks: ``max`` (projection), ``slice`` (``z_index``) or
+    ``keep`` (native 3D). Refuses channels of different shapes, with the layers named.
+    """
+    if not channels:
+        raise MaeprobeInputError(
+            "no image layers are chosen",
+            "tick the layers that form the image under 'Data and segmentation'",
+        )
+    if z_mode not in Z_MODES:
+        raise MaeprobeInputError(f"unknown z handling {z_mode!r}", "use max, slice or keep")
+    arrays = [c.array() for c in channels]
+    first = channels[0]
+    shape = arrays[0].shape
+    for c, arr in zip(channels, arrays):
+        if arr.shape != shape:
+            raise MaeprobeInputError(
+                f"channel '{c.name}' (layer '{c.layer}') is {arr.shape} but '{first.name}' "
+                f"(layer '{first.layer}') is {shape}",
+                "tick only layers of one image (same size), or choose the channel axis of a "
+                "multichannel layer",
+            )
+    if len(shape) not in (2, 3):
+        raise MaeprobeInputError(
+            f"layer '{first.layer}' has {len(shape)} dimensions per channel {shape}; time series "
+            "and other extra axes are not supported",
+            "choose the channel axis of the layer, or open one time point",
+        )
+    data = da.stack(arrays)
+    scale = first.spatial(first.scale) if first.scale else (1.0,) * len(shape)
+    translate = first.spatial(first.translate) if first.translate else (0.0,) * len(shape)
+    if data.ndim == 4 and z_mode != "keep":
+        n_z = data.shape[1]
+        if z_mode == "max":
+            data = data.max(axis=1)
+        else:
+            z = n_z // 2 if z_index is None else int(z_index)
+            if not 0 <= z < n_z:
+                raise MaeprobeInputError(
+                    f"slice {z} asked for but the stack has {n_z} slices (0..{n_z - 1})",
+                    "pick a slice inside the stack",
+                )
+            data = data[:, z]
+        scale, translate = scale[1:], translate[1:]
+    meta = first.metadata or {}
+    image_name = name or str(meta.get("maeprobe_image") or first.layer)
+    physical = tuple(scale) if any(abs(s - 1.0) > 1e-9 for s in scale) else None
+    image = MicroscopyImage(
+        data,
+        [c.name for c in channels],
+        image_name,
+        source_axes="CZYX" if data.ndim == 4 else "CYX",
+        scale=physical,
+        dataset=str(meta.get("dataset", "")),
+    )
+    return BuiltImage(image, tuple(scale), tuple(translate))
+
+
+# --------------------------------------------------------------------------- outcomes
+
+
+@dataclass
+class Outcome:
+    """How a job in a worker thread ended: ``done`` (with ``value``), ``cancelled`` or ``error``.
+
+    Jobs return this instead of raising, so the widget decides what the user sees (a
+    notification with the problem and its fix) and napari does not print a traceback.
+    """
+
+    status: str
+    value: Any = None
+    error: BaseException | None = None
+    seconds: float = 0.0
+
+
+def guarded(fn: Callable[[], Any], cancelled: Callable[[], bool] = lambda: False) -> Outcome:
+    """Run ``fn`` and sort its end into an :class:`Outcome` (errors after a cancel: cancelled)."""
+    t0 = time.perf_counter()
+    try:
+        value = fn()
+    except Cancelled:
+        return Outcome("cancelled", seconds=time.perf_counter() - t0)
+    except Exception as exc:
+        if cancelled():
+            return Outcome("cancelled", seconds=time.perf_counter() - t0)
+        if not isinstance(exc, MaeprobeInputError):
+            log.exception("maeprobe job failed")
+        return Outcome("error", error=exc, seconds=time.perf_counter() - t0)
+    return Outcome("done", value, seconds=time.perf_counter() - t0)
+
+
+def error_message(exc: BaseException) -> str:
+    """What the user reads: the problem and its fix, or the error's type and message."""
+    if isinstance(exc, MaeprobeInputError):
+        return f"{exc.problem}. Fix: {exc.fix}." if exc.fix else f"{exc.problem}."
+    from ..inference import WorkerCrashedError
+
+    if isinstance(exc, WorkerCrashedError):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}"
+
+
+# --------------------------------------------------------------------------- segmentation
+
+
+@dataclass
+class SegmentationResult:
+    """Cells and their boundary map (the pixels that boundary-guided masking weights)."""
+
+    labels: np.ndarray
+    boundaries: np.ndarray  # uint8, 1 on boundary pixels
+    method: str
+    n_cells: int
+    notes: list[str]
+
+
+def segment_image(
+    image: MicroscopyImage,
+    method: str = "auto",
+    nucleus_channel: str | None = None,
+    cell_channel: str | None = None,
+    diameter: float | None = None,
+) -> SegmentationResult:
+    """Segment the cells of ``image`` and compute their boundary map (worker thread)."""
+    from ..boundaries import boundary_map
+    from ..segmentation import segment
+
+    seg = segment(image, method, nucleus_channel, cell_channel, diameter)
+    labels = np.asarray(seg.labels)
+    return SegmentationResult(
+        labels, boundary_map(labels).astype(np.uint8), seg.method, seg.n_cells, list(seg.notes)
+    )
+
+
+# --------------------------------------------------------------------------- embedding
+
+
+class EmbedTask:
+    """One embedding run that can be cancelled from another thread.
+
+    ``on_progress(done, total, description)`` is called from the worker thread for each report
+    of the library, plus ``(0, 0, "starting the model")`` before the engine starts.
+    """
+
+    def __init__(
+        self,
+        on_progress: Callable[[int, int, str], None] | None = None,
+        threads: int | None = None,
+    ) -> None:
+        self.on_progress = on_progress
+        self.threads = threads
+        self.engine = None  # the InferenceEngine, from the moment it starts its worker
+        self._cancel = threading.Event()
+        self._finished = threading.Event()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancel.is_set()
+
+    @property
+    def finished(self) -> bool:
+        return self._finished.is_set()
+
+    def progress(self, done: int, total: int, description: str) -> bool:
+        """The library's progress callback: relay, and return ``False`` once cancelled."""
+        if self.on_progress is not None:
+            self.on_progress(done, total, description)
+        return not self._cancel.is_set()
+
+    def cancel(self) -> None:
+        """Ask the run to stop and kill the model's worker process (now, or once it starts)."""
+        if self._cancel.is_set() or self._finished.is_set():
+            self._cancel.set()
+            return
+        self._cancel.set()
+        threading.Thread(target=self._kill_worker, daemon=True, name="maeprobe-cancel").start()
+
+    def _kill_worker(self) -> None:
+        """Kill the engine's worker as soon as it has one; stop trying when the run ends."""
+        sig = getattr(signal, "SIGKILL", signal.SIGTERM)
+        while not self._finished.is_set():
+            pid = getattr(self.engine, "pid", None)
+            if pid:
+                try:
+                    os.kill(pid, sig)
+                except (ProcessLookupError, PermissionError, OSError):
+                    pass
+                return
+            self._finished.wait(0.02)
+
+    def run(
+        self,
+        image: MicroscopyImage,
+        out: str | Path,
+        job,
+        labels: np.ndarray | None = None,
+        overwrite: bool = False,
+    ):
+        """Embed ``image`` into the store at ``out`` (worker thread); returns the EmbedResult.
+
+        Raises :class:`Cancelled` when cancelled, whatever the library was doing then.
+        """
+        try:
+            return self._run(image, out, job, labels, overwrite)
+        except Cancelled:
+            raise
+        except BaseException as exc:
+            if self.cancelled:
+                raise Cancelled("cancelled") from exc
+            raise
+        finally:
+            self._finished.set()
+
+    def _run(self, image, out, job, labels, overwrite):
+        from ..embedding import run_embedding
+        from ..inference import InferenceEngine
+
+        job.check()
+        if self.cancelled:
+            raise Cancelled("cancelled before the model started")
+        self.progress(0, 0, "starting the model")
+        config = job.engine_config()
+        if self.threads:
+            config.threads = self.threads
+        task = self
+
+        class _TrackedEngine(InferenceEngine):
+            """Makes the engine visible to :meth:`cancel` while its model is still loading."""
+
+            def __init__(self, cfg) -> None:
+                task.engine = self
+                super().__init__(cfg)
+
+        engine = _TrackedEngine(config)
+        try:
+            return run_embedding(
+                [image],
+                out,
+                job,
+                labels=[labels],
+                progress=self.progress,
+                overwrite=overwrite,
+                engine=engine,
+            )
+        finally:
+            engine.close(kill=self.cancelled)

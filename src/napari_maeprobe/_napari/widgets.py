@@ -1,0 +1,1032 @@
+"""Dock widgets: "Data and segmentation" (image from layers, cells) and "Embed" (the store).
+
+Thin on purpose: the widgets collect settings and show results; the work is done by the core
+library through :mod:`.jobs`, in napari thread workers (never on the GUI thread). Progress comes
+back through a Qt signal emitted from the worker thread (queued to the GUI thread), so no widget
+is touched outside the GUI thread; errors become notifications that name the problem and its
+fix, and the buttons are re-enabled whatever happened.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import napari
+import napari.layers
+import numpy as np
+from napari.qt.threading import FunctionWorker, create_worker
+from napari.utils.notifications import show_error, show_info
+from qtpy.QtCore import QObject, Qt, Signal
+from qtpy.QtWidgets import (
+    QAbstractItemView,
+    QCheckBox,
+    QComboBox,
+    QDoubleSpinBox,
+    QFileDialog,
+    QFormLayout,
+    QGroupBox,
+    QHBoxLayout,
+    QHeaderView,
+    QLabel,
+    QLineEdit,
+    QProgressBar,
+    QPushButton,
+    QSpinBox,
+    QTableWidget,
+    QTableWidgetItem,
+    QVBoxLayout,
+    QWidget,
+)
+
+from ..errors import MaeprobeInputError
+from .jobs import (
+    BuiltImage,
+    ChannelSource,
+    EmbedTask,
+    Outcome,
+    build_image,
+    error_message,
+    guarded,
+    guess_channel_axis,
+    segment_image,
+)
+
+#: layers this plugin marks as boundary maps (not offered as cells)
+BOUNDARY_KIND = "boundaries"
+Z_CHOICES = (("max projection", "max"), ("one slice", "slice"), ("native 3D", "keep"))
+NO_LABELS = "(none: segment when embedding)"
+AUTO_CHANNEL = "auto (by name)"
+
+
+def _layer_array(layer: napari.layers.Layer):
+    """Level 0 of a multiscale layer, else its data."""
+    return layer.data[0] if getattr(layer, "multiscale", False) else layer.data
+
+
+def _notify_error(exc: BaseException) -> None:
+    show_error(error_message(exc))
+
+
+class _Relay(QObject):
+    """Carries progress from a worker thread to the GUI thread (a queued signal)."""
+
+    progress = Signal(int, int, str)
+
+
+class _CancellableWorker(FunctionWorker):
+    """A function worker whose ``quit`` (napari's task-status cancel) cancels the job."""
+
+    on_quit = None
+
+    def quit(self) -> None:
+        if self.on_quit is not None:
+            self.on_quit()
+        super().quit()
+
+
+@dataclass
+class _Row:
+    """One channel row of the image table: a layer, or one index along its channel axis."""
+
+    layer_id: object
+    index: int | None
+    default_name: str
+    name: str
+    checked: bool
+    edited: bool = False
+
+    @property
+    def key(self) -> tuple:
+        return (self.layer_id, self.index)
+
+
+def _busy(bar: QProgressBar, text: str) -> None:
+    bar.setRange(0, 0)
+    bar.setFormat(text)
+    bar.setVisible(True)
+
+
+# =========================================================================== DataWidget
+
+
+class DataWidget(QWidget):
+    """ "Data and segmentation": which layers form the image, its channels, z handling, cells.
+
+    ``current_image()`` builds the :class:`~napari_maeprobe.image.MicroscopyImage` the other
+    widgets use; ``current_labels()`` returns the chosen cells. Segmentation runs in a worker
+    thread and adds ``"<image> cells"`` and ``"<image> boundaries"`` Labels layers aligned with
+    the image layers (same scale and translate).
+    """
+
+    #: emitted with the cells Labels layer after a segmentation run
+    segmented = Signal(object)
+    #: emitted with "done", "cancelled" or "error" when a segmentation run ends
+    segmentation_finished = Signal(str)
+
+    def __init__(self, viewer: napari.viewer.Viewer, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.viewer = viewer
+        self._rows: list[_Row] = []
+        self._split: dict[object, int | None] = {}  # layer id -> channel axis
+        self._watched: dict[object, napari.layers.Layer] = {}
+        self._labels_auto = True
+        self._worker = None
+        self._building = False
+        self._build_ui()
+        viewer.layers.events.inserted.connect(self._on_layers_changed)
+        viewer.layers.events.removed.connect(self._on_layers_changed)
+        self.refresh()
+
+    # ------------------------------------------------------------------ UI
+    def _build_ui(self) -> None:
+        image_box = QGroupBox("Image (ticked layers, in this order)")
+        self.table = QTableWidget(0, 2)
+        self.table.setHorizontalHeaderLabels(["Layer", "Channel name"])
+        self.table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.Stretch)
+        self.table.verticalHeader().setVisible(False)
+        self.table.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
+        self.table.setSelectionMode(QAbstractItemView.SelectionMode.SingleSelection)
+        self.table.setToolTip(
+            "Tick the layers that form one image; double-click a channel name to rename it"
+        )
+        self.table.itemChanged.connect(self._on_item_changed)
+        self.table.currentCellChanged.connect(lambda *_: self._update_axis_combo())
+        self.up_button = QPushButton("Up")
+        self.down_button = QPushButton("Down")
+        self.up_button.clicked.connect(lambda: self.move_row(-1))
+        self.down_button.clicked.connect(lambda: self.move_row(1))
+        self.axis_combo = QComboBox()
+        self.axis_combo.setToolTip(
+            "For a multichannel layer: the axis that holds its channels (each becomes a row)"
+        )
+        self.axis_combo.activated.connect(self._on_axis_chosen)
+        moves = QHBoxLayout()
+        moves.addWidget(self.up_button)
+        moves.addWidget(self.down_button)
+        moves.addWidget(QLabel("Channel axis:"))
+        moves.addWidget(self.axis_combo, 1)
+        self.z_combo = QComboBox()
+        for text, mode in Z_CHOICES:
+            self.z_combo.addItem(text, mode)
+        self.z_combo.currentIndexChanged.connect(self._update_z_controls)
+        self.z_spin = QSpinBox()
+        self.z_spin.setToolTip("The z-slice used with 'one slice'")
+        z_row = QHBoxLayout()
+        z_row.addWidget(self.z_combo, 1)
+        z_row.addWidget(self.z_spin)
+        self.labels_combo = QComboBox()
+        self.labels_combo.setToolTip(
+            "The cells to embed: a Labels layer (made here, or opened from disk)"
+        )
+        self.labels_combo.activated.connect(self._on_labels_chosen)
+        self.info_label = QLabel()
+        form = QFormLayout()
+        form.addRow("Z-stacks:", z_row)
+        form.addRow("Cells:", self.labels_combo)
+        box = QVBoxLayout(image_box)
+        box.addWidget(self.table)
+        box.addLayout(moves)
+        box.addLayout(form)
+        box.addWidget(self.info_label)
+
+        seg_box = QGroupBox("Segmentation")
+        self.method_combo = QComboBox()
+        self.method_combo.addItems(["auto", "cellpose", "builtin"])
+        self.method_combo.setToolTip(
+            "auto: Cellpose when it and its weights are on this machine, else the built-in method"
+        )
+        self.nucleus_combo = QComboBox()
+        self.cell_combo = QComboBox()
+        self.cell_combo.setToolTip(
+            "Whole-cell stain; auto picks one by name, else the mean of the other channels"
+        )
+        self.diameter_spin = QDoubleSpinBox()
+        self.diameter_spin.setRange(0.0, 1000.0)
+        self.diameter_spin.setDecimals(1)
+        self.diameter_spin.setSuffix(" px")
+        self.diameter_spin.setSpecialValueText("auto")
+        self.diameter_spin.setToolTip("Nucleus diameter in pixels (auto: estimated)")
+        self.segment_button = QPushButton("Segment cells")
+        self.segment_button.clicked.connect(self.run_segmentation)
+        self.segment_progress = QProgressBar()
+        self.segment_progress.setVisible(False)
+        self.segment_status = QLabel()
+        self.segment_status.setWordWrap(True)
+        sform = QFormLayout(seg_box)
+        sform.addRow("Method:", self.method_combo)
+        sform.addRow("Nucleus channel:", self.nucleus_combo)
+        sform.addRow("Cell channel:", self.cell_combo)
+        sform.addRow("Diameter:", self.diameter_spin)
+        sform.addRow(self.segment_button)
+        sform.addRow(self.segment_progress)
+        sform.addRow(self.segment_status)
+
+        layout = QVBoxLayout(self)
+        layout.addWidget(image_box)
+        layout.addWidget(seg_box)
+        layout.addStretch(1)
+
+    # ------------------------------------------------------------------ layers -> rows
+    def _image_layers(self) -> list[napari.layers.Image]:
+        return [ly for ly in self.viewer.layers if isinstance(ly, napari.layers.Image)]
+
+    def _labels_layers(self) -> list[napari.layers.Labels]:
+        return [
+            ly
+            for ly in self.viewer.layers
+            if isinstance(ly, napari.layers.Labels)
+            and ly.metadata.get("maeprobe_kind") != BOUNDARY_KIND
+        ]
+
+    def _layer(self, layer_id) -> napari.layers.Layer | None:
+        return next((ly for ly in self.viewer.layers if ly.unique_id == layer_id), None)
+
+    def _channel_axis(self, layer: napari.layers.Image) -> int | None:
+        if layer.unique_id not in self._split:
+            data = _layer_array(layer)
+            single = "channel" in layer.metadata  # this plugin's reader: one layer per channel
+            sample = data if isinstance(data, np.ndarray) and not single else None
+            self._split[layer.unique_id] = (
+                None
+                if single and not layer.rgb
+                else guess_channel_axis(data.shape, layer.rgb, sample)
+            )
+        return self._split[layer.unique_id]
+
+    def _spatial_shape(self, row: _Row) -> tuple[int, ...]:
+        layer = self._layer(row.layer_id)
+        shape = list(_layer_array(layer).shape)
+        axis = self._split.get(row.layer_id)
+        if axis is not None:
+            del shape[axis]
+        return tuple(shape)
+
+    def _on_layers_changed(self, event=None) -> None:
+        self.refresh()
+
+    def _watch(self, layers: list[napari.layers.Layer]) -> None:
+        """Follow layer renames (row labels and default names follow them)."""
+        ids = {ly.unique_id for ly in layers}
+        for layer_id in list(self._watched):
+            if layer_id not in ids:
+                del self._watched[layer_id]
+        for ly in layers:
+            if ly.unique_id not in self._watched:
+                ly.events.name.connect(self._on_layers_changed)
+                self._watched[ly.unique_id] = ly
+
+    def refresh(self) -> None:
+        """Rebuild the rows from the viewer's layers, keeping order, ticks and edited names."""
+        layers = self._image_layers()
+        self._watch(list(self.viewer.layers))
+        wanted: list[_Row] = []
+        for ly in layers:
+            axis = self._channel_axis(ly)
+            if axis is None:
+                default = str(ly.metadata.get("channel") or ly.name)
+                wanted.append(_Row(ly.unique_id, None, default, default, False))
+            else:
+                n = int(_layer_array(ly).shape[axis])
+                for i in range(n):
+                    default = f"{ly.name} {i}"
+                    wanted.append(_Row(ly.unique_id, i, default, default, False))
+        old = {r.key: r for r in self._rows}
+        new_keys = {r.key for r in wanted}
+        rows = [r for r in self._rows if r.key in new_keys]
+        fresh = {r.key: r for r in wanted}
+        for r in rows:  # follow renamed layers unless the user typed a name
+            r.default_name = fresh[r.key].default_name
+            if not r.edited:
+                r.name = r.default_name
+        added = [r for r in wanted if r.key not in old]
+        for r in added:
+            r.checked = self._tick_by_default(r, rows)
+            rows.append(r)
+        self._rows = rows
+        self._render()
+
+    def _tick_by_default(self, row: _Row, rows: list[_Row]) -> bool:
+        """New layers are ticked when nothing is, or when they match the ticked image."""
+        ticked = [r for r in rows if r.checked]
+        if not ticked:
+            return True
+        if self._spatial_shape(row) != self._spatial_shape(ticked[0]):
+            return False
+        a = self._layer(row.layer_id).metadata.get("maeprobe_image")
+        b = self._layer(ticked[0].layer_id).metadata.get("maeprobe_image")
+        return a is None or b is None or a == b
+
+    def _render(self) -> None:
+        current = self.table.currentRow()
+        self._building = True
+        try:
+            self.table.setRowCount(len(self._rows))
+            for i, r in enumerate(self._rows):
+                layer = self._layer(r.layer_id)
+                text = layer.name if r.index is None else f"{layer.name} [{r.index}]"
+                item = QTableWidgetItem(text)
+                item.setFlags(
+                    Qt.ItemFlag.ItemIsUserCheckable
+                    | Qt.ItemFlag.ItemIsEnabled
+                    | Qt.ItemFlag.ItemIsSelectable
+                )
+                item.setCheckState(Qt.CheckState.Checked if r.checked else Qt.CheckState.Unchecked)
+                item.setToolTip(f"{text}: {tuple(_layer_array(layer).shape)}")
+                self.table.setItem(i, 0, item)
+                name = QTableWidgetItem(r.name)
+                name.setFlags(
+                    Qt.ItemFlag.ItemIsEditable
+                    | Qt.ItemFlag.ItemIsEnabled
+                    | Qt.ItemFlag.ItemIsSelectable
+                )
+                self.table.setItem(i, 1, name)
+            if 0 <= current < len(self._rows):
+                self.table.setCurrentCell(current, 0)
+        finally:
+            self._building = False
+        self._update_axis_combo()
+        self._update_dependents()
+
+    def _on_item_changed(self, item: QTableWidgetItem) -> None:
+        if self._building or item.row() >= len(self._rows):
+            return
+        row = self._rows[item.row()]
+        if item.column() == 0:
+            row.checked = item.checkState() == Qt.CheckState.Checked
+        else:
+            text = item.text().strip()
+            row.name = text or row.default_name
+            row.edited = bool(text) and text != row.default_name
+        self._update_dependents()
+
+    # ------------------------------------------------------------------ editing the rows
+    def set_checked(self, layer_names: list[str]) -> None:
+        """Tick exactly the rows of these layers (all their channels), untick the others."""
+        for r in self._rows:
+            r.checked = self._layer(r.layer_id).name in layer_names
+        self._render()
+
+    def set_channel_name(self, row: int, name: str) -> None:
+        """Rename the channel in ``row`` (as typing in its cell does)."""
+        self.table.item(row, 1).setText(name)
+
+    def channel_names(self) -> list[str]:
+        """Names of the ticked channels, in order."""
+        return [r.name for r in self._rows if r.checked]
+
+    def move_row(self, step: int, row: int | None = None) -> None:
+        """Move a row (default: the current one) up (``-1``) or down (``+1``)."""
+        row = self.table.currentRow() if row is None else row
+        target = row + step
+        if not (0 <= row < len(self._rows) and 0 <= target < len(self._rows)):
+            return
+        self._rows[row], self._rows[target] = self._rows[target], self._rows[row]
+        self._render()
+        self.table.setCurrentCell(target, 0)
+
+    def set_channel_axis(self, layer_name: str, axis: int | None) -> None:
+        """Split a multichannel layer along ``axis`` (``None``: the layer is one channel)."""
+        layer = next(ly for ly in self._image_layers() if ly.name == layer_name)
+        self._split[layer.unique_id] = axis
+        was_checked = any(r.checked for r in self._rows if r.layer_id == layer.unique_id)
+        self._rows = [r for r in self._rows if r.layer_id != layer.unique_id]
+        self.refresh()
+        for r in self._rows:
+            if r.layer_id == layer.unique_id:
+                r.checked = was_checked
+        self._render()
+
+    def _update_axis_combo(self) -> None:
+        self.axis_combo.clear()
+        row = self.table.currentRow()
+        if not 0 <= row < len(self._rows):
+            self.axis_combo.setEnabled(False)
+            return
+        layer = self._layer(self._rows[row].layer_id)
+        shape = _layer_array(layer).shape
+        self.axis_combo.addItem("none (one channel)", None)
+        for i, n in enumerate(shape):
+            if i < len(shape) - 2 or (layer.rgb and i == len(shape) - 1):
+                self.axis_combo.addItem(f"axis {i} ({n})", i)
+        axis = self._split.get(layer.unique_id)
+        self.axis_combo.setCurrentIndex(max(0, self.axis_combo.findData(axis)))
+        self.axis_combo.setEnabled(self.axis_combo.count() > 1)
+
+    def _on_axis_chosen(self, index: int) -> None:
+        row = self.table.currentRow()
+        if 0 <= row < len(self._rows):
+            layer = self._layer(self._rows[row].layer_id)
+            self.set_channel_axis(layer.name, self.axis_combo.itemData(index))
+
+    def _update_dependents(self) -> None:
+        """Channel pickers, z controls and the cells choice follow the ticked rows."""
+        names = self.channel_names()
+        for combo, extra in ((self.nucleus_combo, [AUTO_CHANNEL]), (self.cell_combo,
+                                                                    [AUTO_CHANNEL])):  # fmt: skip
+            keep = combo.currentText()
+            combo.blockSignals(True)
+            combo.clear()
+            combo.addItems(extra + names)
+            combo.setCurrentIndex(max(0, combo.findText(keep)))
+            combo.blockSignals(False)
+        ticked = [r for r in self._rows if r.checked]
+        shape = self._spatial_shape(ticked[0]) if ticked else ()
+        is_3d = len(shape) == 3
+        self.z_combo.setEnabled(is_3d)
+        if is_3d:
+            if self.z_spin.maximum() != shape[0] - 1:
+                self.z_spin.setRange(0, shape[0] - 1)
+                self.z_spin.setValue(shape[0] // 2)
+        self._update_z_controls()
+        self.info_label.setText(
+            f"{len(ticked)} channel(s), {' x '.join(map(str, shape))} pixels"
+            if ticked
+            else "Tick the image layers that form one image"
+        )
+        self._update_labels_combo(shape)
+
+    def _update_z_controls(self) -> None:
+        self.z_spin.setEnabled(self.z_combo.isEnabled() and self.z_combo.currentData() == "slice")
+
+    def _update_labels_combo(self, image_shape: tuple[int, ...] | None = None) -> None:
+        chosen = self.labels_combo.currentData()
+        layers = self._labels_layers()
+        self.labels_combo.blockSignals(True)
+        self.labels_combo.clear()
+        self.labels_combo.addItem(NO_LABELS, None)
+        for ly in layers:
+            self.labels_combo.addItem(ly.name, ly.unique_id)
+        if self._labels_auto:
+            chosen = self._auto_labels(layers, image_shape)
+        self.labels_combo.setCurrentIndex(max(0, self.labels_combo.findData(chosen)))
+        self.labels_combo.blockSignals(False)
+
+    def _auto_labels(self, layers, image_shape) -> object:
+        """The image's own cells layer, else a Labels layer of the image's (output) shape."""
+        name = self._image_name()
+        own = next((ly for ly in layers if name and ly.name == f"{name} cells"), None)
+        if own is not None:
+            return own.unique_id
+        if image_shape:
+            shape = image_shape
+            if len(shape) == 3 and self.z_combo.currentData() != "keep":
+                shape = shape[1:]
+            match = next((ly for ly in layers if tuple(ly.data.shape) == tuple(shape)), None)
+            if match is not None:
+                return match.unique_id
+        return None
+
+    def _on_labels_chosen(self, index: int) -> None:
+        self._labels_auto = False
+
+    def set_labels_layer(self, name: str | None) -> None:
+        """Use this Labels layer as the cells (``None``: segment when embedding)."""
+        self._labels_auto = False
+        layer = next((ly for ly in self._labels_layers() if ly.name == name), None)
+        data = None if layer is None else layer.unique_id
+        self.labels_combo.setCurrentIndex(max(0, self.labels_combo.findData(data)))
+
+    def _image_name(self) -> str | None:
+        ticked = [r for r in self._rows if r.checked]
+        if not ticked:
+            return None
+        layer = self._layer(ticked[0].layer_id)
+        return str(layer.metadata.get("maeprobe_image") or layer.name)
+
+    # ------------------------------------------------------------------ the image and its cells
+    def current_build(self) -> BuiltImage:
+        """The image from the ticked rows plus its scale and translate in the viewer."""
+        sources = []
+        for r in self._rows:
+            if not r.checked:
+                continue
+            layer = self._layer(r.layer_id)
+            sources.append(
+                ChannelSource(
+                    _layer_array(layer),
+                    r.name,
+                    layer.name,
+                    self._split.get(r.layer_id) if r.index is not None else None,
+                    r.index or 0,
+                    tuple(layer.scale),
+                    tuple(layer.translate),
+                    dict(layer.metadata),
+                )
+            )
+        mode = self.z_combo.currentData()
+        return build_image(sources, mode, self.z_spin.value() if mode == "slice" else None)
+
+    def current_image(self):
+        """The chosen image as a ``MicroscopyImage`` (lazy data, CYX or CZYX)."""
+        return self.current_build().image
+
+    def current_labels(self, built: BuiltImage | None = None) -> np.ndarray | None:
+        """A copy of the chosen cells layer's labels, checked against the image; or ``None``."""
+        layer_id = self.labels_combo.currentData()
+        layer = None if layer_id is None else self._layer(layer_id)
+        if layer is None:
+            return None
+        labels = np.array(_layer_array(layer), copy=True)
+        built = built or self.current_build()
+        shape = tuple(built.image.spatial_shape)
+        if labels.shape != shape:
+            raise MaeprobeInputError(
+                f"the cells layer '{layer.name}' is {labels.shape} but the image is {shape}",
+                "segment this image here, choose a Labels layer of its size, or change the "
+                "z-stack handling (native 3D for 3D labels)",
+            )
+        if labels.dtype.kind not in "iu":
+            labels = labels.astype(np.int32)
+        return labels
+
+    # ------------------------------------------------------------------ segmentation
+    @property
+    def is_running(self) -> bool:
+        return self._worker is not None
+
+    def run_segmentation(self) -> None:
+        """Segment the current image in a worker thread (the Segment button)."""
+        if self._worker is not None:
+            return
+        try:
+            built = self.current_build()
+        except MaeprobeInputError as exc:
+            _notify_error(exc)
+            return
+        nucleus = self.nucleus_combo.currentText()
+        cell = self.cell_combo.currentText()
+        fn = partial(
+            segment_image,
+            built.image,
+            self.method_combo.currentText(),
+            None if nucleus in ("", AUTO_CHANNEL) else nucleus,
+            None if cell in ("", AUTO_CHANNEL) else cell,
+            self.diameter_spin.value() or None,
+        )
+        worker = create_worker(guarded, fn, _start_thread=False, _ignore_errors=True)
+        worker.returned.connect(partial(self._segmentation_done, built))
+        self._worker = worker
+        self.segment_button.setEnabled(False)
+        self.segment_status.setText(f"segmenting {built.image.name}...")
+        _busy(self.segment_progress, "segmenting...")
+        worker.start()
+
+    def _segmentation_done(self, built: BuiltImage, outcome: Outcome) -> None:
+        self._worker = None
+        self.segment_button.setEnabled(True)
+        self.segment_progress.setVisible(False)
+        if outcome.status != "done":
+            self.segment_status.setText("segmentation failed")
+            _notify_error(outcome.error)
+            self.segmentation_finished.emit(outcome.status)
+            return
+        res = outcome.value
+        name = built.image.name
+        cells = self._put_labels(f"{name} cells", res.labels, built, {"maeprobe_kind": "cells"})
+        self._put_labels(
+            f"{name} boundaries",
+            res.boundaries,
+            built,
+            {"maeprobe_kind": BOUNDARY_KIND},
+            colormap={None: "transparent", 1: "yellow"},
+            opacity=0.8,
+        )
+        self._labels_auto = True
+        self._update_labels_combo(tuple(built.image.spatial_shape))
+        self.labels_combo.setCurrentIndex(max(0, self.labels_combo.findData(cells.unique_id)))
+        self.segment_status.setText(
+            f"{res.n_cells} cells ({res.method}) in {outcome.seconds:.1f} s"
+        )
+        for note in res.notes:
+            show_info(note)
+        self.segmented.emit(cells)
+        self.segmentation_finished.emit("done")
+
+    def _put_labels(self, name, data, built: BuiltImage, metadata, **kwargs):
+        """Add (or update) a Labels layer aligned with the image layers."""
+        layer = next((ly for ly in self.viewer.layers if ly.name == name), None)
+        if isinstance(layer, napari.layers.Labels) and layer.ndim == data.ndim:
+            layer.data = data
+            layer.scale = built.scale
+            layer.translate = built.translate
+            return layer
+        if layer is not None:
+            self.viewer.layers.remove(layer)
+        kwargs.setdefault("opacity", 0.5)
+        return self.viewer.add_labels(
+            data,
+            name=name,
+            scale=built.scale,
+            translate=built.translate,
+            metadata=metadata,
+            **kwargs,
+        )
+
+
+# =========================================================================== EmbedWidget
+
+
+def default_store_folder() -> Path:
+    """Where stores go when no output is given: a ``maeprobe-stores`` folder in the temp dir."""
+    return Path(tempfile.gettempdir()) / "maeprobe-stores"
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name) or "image"
+
+
+def _usable_devices() -> list[str]:
+    """``auto`` plus every device ``resolve_device`` accepts on this machine."""
+    from ..inference import resolve_device
+
+    candidates = ["cpu", "cuda", "mps"]
+    try:
+        import torch
+
+        candidates += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    except Exception:  # torch missing or broken: the CPU only
+        pass
+    out = ["auto"]
+    for dev in candidates:
+        try:
+            resolve_device(dev)
+        except MaeprobeInputError:
+            continue
+        out.append(dev)
+    return out
+
+
+class EmbedWidget(QWidget):
+    """ "Embed": run a model over the cells of the current image into an embedding store.
+
+    Settings mirror :class:`~napari_maeprobe.embedding.EmbedJob`. Run embeds in a worker
+    thread (the model itself runs in the engine's worker process); Cancel stops within a
+    fraction of a second. ``store_ready`` carries the path of the store (or of an opened
+    ``.h5ad``) for the explorer.
+    """
+
+    #: the path of a finished or opened embedding store (a ``.zarr`` folder) or ``.h5ad`` file
+    store_ready = Signal(object)
+    #: "done", "cancelled" or "error" when a run ends (the widget is idle again by then)
+    run_finished = Signal(str)
+
+    def __init__(
+        self,
+        viewer: napari.viewer.Viewer,
+        data_widget: DataWidget | None = None,
+        parent: QWidget | None = None,
+    ) -> None:
+        super().__init__(parent)
+        self.viewer = viewer
+        self._data_widget = data_widget
+        self._worker = None
+        self._task: EmbedTask | None = None
+        self._cancel_clicked: float | None = None
+        self.last_result = None
+        self.last_outcome: Outcome | None = None
+        self._relay = _Relay(self)
+        self._relay.progress.connect(self._on_progress)
+        self._build_ui()
+
+    # ------------------------------------------------------------------ UI
+    def _build_ui(self) -> None:
+        from ..models.registry import list_models, weights_status
+
+        self.model_combo = QComboBox()
+        self._specs = {}
+        for spec in list_models():
+            ok, where = weights_status(spec)
+            here = "weights on this machine" if ok else "weights not on this machine"
+            self.model_combo.addItem(f"{spec.name}  [{spec.licence}; {here}]", spec.name)
+            idx = self.model_combo.count() - 1
+            self.model_combo.setItemData(
+                idx,
+                f"{spec.summary}\nchannels: {spec.channels}; input {spec.input_size}; "
+                f"{spec.embed_dim}-d\nweights licence: {spec.licence}\nweights: {where}",
+                Qt.ItemDataRole.ToolTipRole,
+            )
+            self._specs[spec.name] = (spec, ok, where)
+        self.model_combo.setCurrentIndex(max(0, self.model_combo.findData("default")))
+        self.model_combo.currentIndexChanged.connect(self._update_controls)
+        self.model_info = QLabel()
+        self.model_info.setWordWrap(True)
+        self.weights_edit = QLineEdit()
+        self.weights_edit.setPlaceholderText("the model's own weights")
+        weights_browse = QPushButton("Browse...")
+        weights_browse.clicked.connect(self._browse_weights)
+        weights_row = QHBoxLayout()
+        weights_row.addWidget(self.weights_edit, 1)
+        weights_row.addWidget(weights_browse)
+        self.device_combo = QComboBox()
+        self.device_combo.addItems(_usable_devices())
+        self.level_checks = {lvl: QCheckBox(lvl) for lvl in ("global", "channel", "patch")}
+        levels_row = QHBoxLayout()
+        for box in self.level_checks.values():
+            box.setChecked(True)
+            levels_row.addWidget(box)
+        self.level_checks["channel"].setToolTip("per-channel embeddings (channel-agnostic models)")
+        self.masking_combo = QComboBox()
+        self.masking_combo.addItems(["none", "random", "boundary"])
+        self.masking_combo.currentIndexChanged.connect(self._update_controls)
+        self.ratio_spin = QDoubleSpinBox()
+        self.ratio_spin.setRange(0.0, 0.95)
+        self.ratio_spin.setSingleStep(0.05)
+        self.ratio_spin.setValue(0.75)
+        self.tau_spin = QDoubleSpinBox()
+        self.tau_spin.setRange(0.01, 10.0)
+        self.tau_spin.setSingleStep(0.1)
+        self.tau_spin.setValue(0.5)
+        self.tau_spin.setToolTip("boundary masking: how strongly boundary patches are preferred")
+        self.attention_check = QCheckBox("attention maps")
+        self.recon_check = QCheckBox("reconstructions")
+        extras_row = QHBoxLayout()
+        extras_row.addWidget(self.attention_check)
+        extras_row.addWidget(self.recon_check)
+        self.out_edit = QLineEdit()
+        self.out_edit.setPlaceholderText(f"new store in {default_store_folder()}")
+        self.out_edit.setToolTip(
+            "The embedding store (.zarr folder). An existing store of the same job is resumed"
+        )
+        out_browse = QPushButton("Browse...")
+        out_browse.clicked.connect(self._browse_out)
+        out_row = QHBoxLayout()
+        out_row.addWidget(self.out_edit, 1)
+        out_row.addWidget(out_browse)
+        self.overwrite_check = QCheckBox("replace a store that holds another job")
+
+        settings = QGroupBox("Model and settings")
+        form = QFormLayout(settings)
+        form.addRow("Model:", self.model_combo)
+        form.addRow(self.model_info)
+        form.addRow("Weights file:", weights_row)
+        form.addRow("Device:", self.device_combo)
+        form.addRow("Levels:", levels_row)
+        form.addRow("Masking:", self.masking_combo)
+        form.addRow("Mask ratio:", self.ratio_spin)
+        form.addRow("Tau:", self.tau_spin)
+        form.addRow("Also store:", extras_row)
+        form.addRow("Output store:", out_row)
+        form.addRow(self.overwrite_check)
+
+        self.run_button = QPushButton("Run")
+        self.run_button.clicked.connect(self.run)
+        self.cancel_button = QPushButton("Cancel")
+        self.cancel_button.setEnabled(False)
+        self.cancel_button.clicked.connect(self.cancel)
+        buttons = QHBoxLayout()
+        buttons.addWidget(self.run_button)
+        buttons.addWidget(self.cancel_button)
+        self.progress_bar = QProgressBar()
+        self.progress_bar.setVisible(False)
+        self.status_label = QLabel("ready")
+        self.status_label.setWordWrap(True)
+        self.summary_label = QLabel()
+        self.summary_label.setWordWrap(True)
+        self.summary_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        self.open_store_button = QPushButton("Open existing store...")
+        self.open_store_button.clicked.connect(self._browse_store)
+        self.open_h5ad_button = QPushButton("Open .h5ad...")
+        self.open_h5ad_button.clicked.connect(self._browse_h5ad)
+        opens = QHBoxLayout()
+        opens.addWidget(self.open_store_button)
+        opens.addWidget(self.open_h5ad_button)
+
+        layout = QVBoxLayout(self)
+        layout.addWidget(settings)
+        layout.addLayout(buttons)
+        layout.addWidget(self.progress_bar)
+        layout.addWidget(self.status_label)
+        layout.addWidget(self.summary_label)
+        layout.addLayout(opens)
+        layout.addStretch(1)
+        self._update_controls()
+
+    def _update_controls(self) -> None:
+        spec, ok, where = self._specs[self.model_combo.currentData()]
+        self.model_info.setText(
+            f"{spec.summary}. Weights licence: {spec.licence}. "
+            + ("Weights on this machine." if ok else f"Weights not on this machine: {where}.")
+        )
+        masked = self.masking_combo.currentText() != "none"
+        self.ratio_spin.setEnabled(masked)
+        self.tau_spin.setEnabled(self.masking_combo.currentText() == "boundary")
+        self.recon_check.setEnabled(masked and spec.has_decoder)
+        if not self.recon_check.isEnabled():
+            self.recon_check.setChecked(False)
+
+    def _browse_weights(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(
+            self, "Model weights", "", "Weights (*.safetensors *.pt *.pth *.bin);;All files (*)"
+        )
+        if path:
+            self.weights_edit.setText(path)
+
+    def _browse_out(self) -> None:
+        path, _ = QFileDialog.getSaveFileName(
+            self, "Embedding store (.zarr folder)", str(default_store_folder()), "Store (*.zarr)"
+        )
+        if path:
+            self.out_edit.setText(path if path.endswith(".zarr") else path + ".zarr")
+
+    def _browse_store(self) -> None:
+        path = QFileDialog.getExistingDirectory(self, "Open an embedding store (.zarr folder)")
+        if path:
+            self.open_store(path)
+
+    def _browse_h5ad(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "Open an AnnData file", "", "AnnData (*.h5ad)")
+        if path:
+            self.open_h5ad(path)
+
+    # ------------------------------------------------------------------ settings -> job
+    def data_widget(self) -> DataWidget:
+        """The DataWidget to take the image from: given, docked in the viewer, or a new one."""
+        if self._data_widget is not None:
+            return self._data_widget
+        for widget in self.viewer.window.dock_widgets.values():
+            if isinstance(widget, DataWidget):
+                return widget
+        self._data_widget = DataWidget(self.viewer)
+        self.viewer.window.add_dock_widget(self._data_widget, name="Data and segmentation")
+        return self._data_widget
+
+    def current_job(self, data: DataWidget | None = None):
+        """The :class:`EmbedJob` the settings describe."""
+        from ..embedding import EmbedJob
+
+        data = data or self.data_widget()
+        levels = tuple(lvl for lvl, box in self.level_checks.items() if box.isChecked())
+        weights = self.weights_edit.text().strip() or None
+        return EmbedJob(
+            model=self.model_combo.currentData(),
+            weights=weights,
+            levels=levels,
+            segmentation=data.method_combo.currentText(),
+            diameter=data.diameter_spin.value() or None,
+            masking=self.masking_combo.currentText(),
+            mask_ratio=self.ratio_spin.value(),
+            tau=self.tau_spin.value(),
+            attention=self.attention_check.isChecked(),
+            reconstruction=self.recon_check.isChecked(),
+            device=self.device_combo.currentText(),
+        )
+
+    def output_path(self, image_name: str, model: str) -> Path:
+        """The store to write: the one typed in, else a new folder under the default place."""
+        text = self.out_edit.text().strip()
+        if text:
+            return Path(text).expanduser()
+        folder = default_store_folder()
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        path = folder / f"{_safe(image_name)}-{_safe(model)}-{stamp}.zarr"
+        n = 1
+        while path.exists():
+            n += 1
+            path = folder / f"{_safe(image_name)}-{_safe(model)}-{stamp}-{n}.zarr"
+        return path
+
+    # ------------------------------------------------------------------ run / cancel
+    @property
+    def is_running(self) -> bool:
+        return self._worker is not None
+
+    def run(self) -> None:
+        """Start embedding the current image (the Run button)."""
+        if self._worker is not None:
+            return
+        data = self.data_widget()
+        try:
+            built = data.current_build()
+            labels = data.current_labels(built)
+            job = self.current_job(data)
+            job.check()
+            out = self.output_path(built.image.name, job.model)
+        except MaeprobeInputError as exc:
+            _notify_error(exc)
+            return
+        task = EmbedTask(on_progress=self._relay.progress.emit)
+        fn = partial(task.run, built.image, out, job, labels, self.overwrite_check.isChecked())
+        worker = create_worker(
+            guarded,
+            fn,
+            lambda: task.cancelled,
+            _start_thread=False,
+            _ignore_errors=True,
+            _worker_class=_CancellableWorker,
+        )
+        worker.on_quit = task.cancel
+        worker.returned.connect(partial(self._run_done, out))
+        self._worker, self._task = worker, task
+        self._cancel_clicked = None
+        self.last_result = None
+        self._set_running(True)
+        n = "given cells" if labels is not None else f"cells segmented ({job.segmentation})"
+        self.status_label.setText(f"embedding {built.image.name} ({n}) with {job.model}")
+        self.summary_label.setText("")
+        _busy(self.progress_bar, "starting...")
+        worker.start()
+
+    def cancel(self) -> None:
+        """Stop the run (the Cancel button): the model's worker process is killed at once."""
+        if self._task is None:
+            return
+        self._cancel_clicked = time.perf_counter()
+        self.cancel_button.setEnabled(False)
+        self.status_label.setText("cancelling...")
+        self._task.cancel()
+
+    def _set_running(self, running: bool) -> None:
+        self.run_button.setEnabled(not running)
+        self.cancel_button.setEnabled(running)
+        self.open_store_button.setEnabled(not running)
+        self.open_h5ad_button.setEnabled(not running)
+
+    def _on_progress(self, done: int, total: int, desc: str) -> None:
+        if self._worker is None or (self._task is not None and self._task.cancelled):
+            return
+        bar = self.progress_bar
+        if total <= 0:
+            _busy(bar, f"{desc}...")
+            return
+        bar.setRange(0, total)
+        bar.setValue(min(done, total))
+        bar.setFormat("%v / %m cells" if desc == "embedding" else f"{desc}: %v / %m images")
+
+    def _run_done(self, out: Path, outcome: Outcome) -> None:
+        self._worker, self._task = None, None
+        self.last_outcome = outcome
+        self._set_running(False)
+        self.progress_bar.setVisible(False)
+        if outcome.status == "done":
+            res = outcome.value
+            self.last_result = res
+            rows = ", ".join(f"{lvl} {n:,}" for lvl, n in res.rows.items())
+            self.status_label.setText(f"done in {res.seconds:.1f} s")
+            self.summary_label.setText(
+                f"{res.store.path}\nrows: {rows}\n{res.units_done} unit(s) embedded, "
+                f"{res.units_skipped} resumed from the store; {res.seconds:.1f} s "
+                f"on {res.facts.get('device', '?')}"
+            )
+            self.run_finished.emit("done")
+            self.store_ready.emit(Path(res.store.path))
+            return
+        if outcome.status == "cancelled":
+            waited = (
+                f" ({time.perf_counter() - self._cancel_clicked:.2f} s after the click)"
+                if self._cancel_clicked is not None
+                else ""
+            )
+            self.status_label.setText(
+                f"cancelled{waited}; finished units stay in {out} (Run with it as output resumes)"
+            )
+        else:
+            self.status_label.setText("failed (see the notification)")
+            _notify_error(outcome.error)
+        self.run_finished.emit(outcome.status)
+
+    # ------------------------------------------------------------------ existing results
+    def open_store(self, path: str | Path) -> bool:
+        """Announce an existing embedding store (``store_ready``) without computing."""
+        from ..store import EmbeddingStore
+
+        try:
+            store = EmbeddingStore(path)
+            rows = ", ".join(f"{lvl} {store.n_rows(lvl):,}" for lvl in store.levels())
+        except MaeprobeInputError as exc:
+            _notify_error(exc)
+            return False
+        self.summary_label.setText(f"{store.path}\nrows: {rows or 'none yet'}")
+        self.status_label.setText("opened an existing store")
+        self.store_ready.emit(Path(store.path))
+        return True
+
+    def open_h5ad(self, path: str | Path) -> bool:
+        """Announce an AnnData ``.h5ad`` file (``store_ready``) without computing."""
+        path = Path(path)
+        try:
+            if path.suffix.lower() != ".h5ad" or not path.is_file():
+                raise MaeprobeInputError(
+                    f"{path} is not an .h5ad file", "pick a file written by `maeprobe export`"
+                )
+            with open(path, "rb") as f:
+                if f.read(8) != b"\x89HDF\r\n\x1a\n":
+                    raise MaeprobeInputError(
+                        f"{path} is not an HDF5 (AnnData) file",
+                        "pick an .h5ad file written by anndata or `maeprobe export`",
+                    )
+        except MaeprobeInputError as exc:
+            _notify_error(exc)
+            return False
+        self.summary_label.setText(str(path))
+        self.status_label.setText("opened an AnnData file")
+        self.store_ready.emit(path)
+        return True
+
+    def closeEvent(self, event) -> None:  # noqa: N802 (Qt API)
+        """A closed widget stops its run (and the model's worker process)."""
+        self.cancel()
+        super().closeEvent(event)
