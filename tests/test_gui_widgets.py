@@ -87,11 +87,20 @@ class GapMeter:
     def _tick(self) -> None:
         now = time.perf_counter()
         if self.last is not None:
+            if now - self.last > 0.05:
+                print(f"DIAG gap {1000*(now-self.last):.0f} ms at {self.last:.3f}")
             self.max_gap = max(self.max_gap, now - self.last)
         self.last = now
         self.ticks += 1
 
     def __enter__(self) -> GapMeter:
+        import gc, threading
+        def cb(phase, info, st={}):
+            if phase == "start": st['t'] = time.perf_counter()
+            else:
+                d = time.perf_counter() - st['t']
+                if d > 0.02: print(f"DIAG gc gen{info['generation']} {d*1000:.0f} ms at {st['t']:.3f} in {threading.current_thread().name}")
+        gc.callbacks.append(cb)
         self.timer.start()
         return self
 
@@ -336,3 +345,18 @@ def test_embed_crashed_worker_gives_an_error_and_reenables(docked, qtbot, errors
     data.set_checked([])
     qtbot.mouseClick(embed.run_button, LEFT)
     assert "no image layers are chosen" in errors[-1] and not embed.is_running
+
+
+@pytest.fixture(autouse=True)
+def _diag_progress(monkeypatch):
+    orig = widgets.EmbedWidget._on_progress
+    def wrapped(self, d, t, desc):
+        t0 = time.perf_counter()
+        orig(self, d, t, desc)
+        print(f"DIAG progress {d}/{t} {desc} at {t0:.3f} took {1000*(time.perf_counter()-t0):.0f} ms")
+    monkeypatch.setattr(widgets.EmbedWidget, "_on_progress", wrapped)
+    orig2 = widgets.EmbedWidget._run_done
+    def w2(self, out, outcome):
+        print(f"DIAG done at {time.perf_counter():.3f}")
+        return orig2(self, out, outcome)
+    monkeypatch.setattr(widgets.EmbedWidget, "_run_done", w2)

@@ -23,7 +23,7 @@ from .errors import MaeprobeInputError
 from .progress import ProgressCallback, report
 
 #: columns that are never candidates: clusterings, bookkeeping, coordinates of maps
-SKIP_COLUMNS = frozenset({"leiden", "kmeans", "level", "crop_index", "row", "index"})
+SKIP_COLUMNS = frozenset({"leiden", "kmeans", "level", "analysed", "crop_index", "row", "index"})
 SKIP_PREFIXES = ("umap", "pca", "tsne", "x_umap", "x_pca", "x_tsne", "embedding")
 #: patch position columns: they also get a linear read-out (``position_r2``)
 POSITION_COLUMNS = ("patch_row", "patch_col", "patch_z")

@@ -194,13 +194,12 @@ class ExplorerWidget(QWidget):
         def work():
             if path.suffix != ".h5ad":
                 from ..store import EmbeddingStore
-                from ..workflows import analyze_store
 
                 store = EmbeddingStore(path)
                 missing = [lvl for lvl in levels if lvl not in store.analysed_levels()]
                 if missing:
                     yield ("analysing", 0, len(missing))
-                    analyze_store(EmbeddingStore(path, mode="a"), missing)
+                    yield from _analyse_in_subprocess(path, missing)
             yield ("loading", 0, 1)
             return load_level(path, level)
 
@@ -216,7 +215,8 @@ class ExplorerWidget(QWidget):
         self.progress.setVisible(True)
         self.progress.setRange(0, 0)
         self.progress.setFormat(busy)
-        worker.yielded.connect(lambda msg: self.progress.setFormat(f"{msg[0]}..."))
+        if hasattr(worker.signals, "yielded"):  # generator workers report their stage
+            worker.yielded.connect(lambda msg: self.progress.setFormat(f"{msg[0]}..."))
         worker.returned.connect(on_done)
         worker.errored.connect(_error)
         worker.finished.connect(lambda: self.progress.setVisible(False))
@@ -242,7 +242,9 @@ class ExplorerWidget(QWidget):
             combo.addItems(items)
             combo.blockSignals(False)
         start = "leiden" if "leiden" in data.obs else self.colour.itemText(0)
+        self.colour.blockSignals(True)
         self.colour.setCurrentText(start)
+        self.colour.blockSignals(False)
         self.scatter.set_data(data.coords[self.coords.currentText()], data.obs)
         self.scatter.colour_by(self.colour.currentText())
         self.legend.set_entries(self.scatter.legend())
@@ -505,6 +507,36 @@ class ExplorerWidget(QWidget):
         path, _ = QFileDialog.getSaveFileName(self, "Save plot", "scatter.png", "*.png *.svg")
         if path:
             self.scatter.export_image(path)
+
+
+def _analyse_in_subprocess(path: Path, levels: list[str]):
+    """Run ``maeprobe analyze`` in a separate process: UMAP's numba compilation and the
+    clustering hold the GIL for seconds, which would freeze the GUI if run in a thread here.
+    Yields while waiting; raises the command's one-line error if it fails."""
+    import subprocess
+    import sys
+    import tempfile
+
+    log = tempfile.TemporaryFile(mode="w+")  # a file, not a pipe: progress bars cannot fill it
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "napari_maeprobe.cli", "analyze", str(path),
+         "--levels", ",".join(levels)],
+        stdout=subprocess.DEVNULL, stderr=log, text=True,
+    )  # fmt: skip
+    try:
+        while proc.poll() is None:
+            try:
+                proc.wait(timeout=0.2)
+            except subprocess.TimeoutExpired:
+                yield ("analysing", 0, len(levels))
+    finally:
+        if proc.poll() is None:  # the worker was quit (widget closed): stop the analysis too
+            proc.kill()
+    log.seek(0)
+    err = [ln for ln in log.read().splitlines() if ln.startswith("maeprobe")]
+    log.close()
+    if proc.returncode != 0:
+        raise RuntimeError(err[-1] if err else f"maeprobe analyze failed ({proc.returncode})")
 
 
 def make_explorer_widget(viewer) -> ExplorerWidget:

@@ -15,6 +15,7 @@ killed worker makes the engine's receive loop (it polls every 0.2 s) stop with
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import signal
@@ -240,6 +241,52 @@ def segment_image(
 
 # --------------------------------------------------------------------------- embedding
 
+#: keep the objects that exist when a run starts out of full garbage collections while it runs
+#: (see :func:`hold_full_gc`); measured on the GUI tests: a 450-620 ms gen-2 collection in the
+#: middle of an embedding run froze the GUI, as any thread that triggers it holds the GIL
+DEFER_FULL_GC = True
+_gc_lock = threading.Lock()
+_gc_holds = 0
+
+
+def hold_full_gc() -> None:
+    """Move every object tracked now into Python's permanent GC generation (``gc.freeze``).
+
+    A full (gen-2) collection walks every object of the process: with napari and torch loaded
+    that takes hundreds of milliseconds, during which the GUI thread cannot run. While a job
+    runs, collections then only walk the objects made since it started. Nested holds are
+    counted; :func:`release_full_gc` undoes the last one (``gc.unfreeze``).
+    """
+    global _gc_holds
+    if not DEFER_FULL_GC:
+        return
+    with _gc_lock:
+        _gc_holds += 1
+        if _gc_holds == 1:
+            gc.freeze()
+
+
+def release_full_gc() -> None:
+    """Give the objects held by :func:`hold_full_gc` back to the collector (last hold only)."""
+    global _gc_holds
+    with _gc_lock:
+        if _gc_holds == 0:
+            return
+        _gc_holds -= 1
+        if _gc_holds == 0:
+            gc.unfreeze()
+
+
+def warm_imports() -> None:
+    """Import what an embedding run needs now, on the GUI thread, at widget creation.
+
+    Importing extension modules in the worker thread in the middle of a run held the GIL
+    (a 160 ms GUI stall on the first run); a widget that takes a moment to open is expected.
+    """
+    from skimage import filters  # noqa: F401  (Otsu thresholds of the run's planning)
+
+    from .. import embedding, store  # noqa: F401
+
 
 class EmbedTask:
     """One embedding run that can be cancelled from another thread.
@@ -306,6 +353,7 @@ class EmbedTask:
 
         Raises :class:`Cancelled` when cancelled, whatever the library was doing then.
         """
+        hold_full_gc()
         try:
             return self._run(image, out, job, labels, overwrite)
         except Cancelled:
@@ -316,6 +364,7 @@ class EmbedTask:
             raise
         finally:
             self._finished.set()
+            release_full_gc()
 
     def _run(self, image, out, job, labels, overwrite):
         from ..embedding import run_embedding
@@ -339,7 +388,7 @@ class EmbedTask:
 
         engine = _TrackedEngine(config)
         try:
-            return run_embedding(
+            result = run_embedding(
                 [image],
                 out,
                 job,
@@ -348,5 +397,9 @@ class EmbedTask:
                 overwrite=overwrite,
                 engine=engine,
             )
-        finally:
-            engine.close(kill=self.cancelled)
+        except BaseException:
+            engine.close(kill=True)
+            raise
+        # the store is complete: let the worker exit in the background (about a second)
+        threading.Thread(target=engine.close, daemon=True, name="maeprobe-close").start()
+        return result

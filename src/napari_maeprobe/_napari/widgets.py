@@ -53,6 +53,7 @@ from .jobs import (
     guarded,
     guess_channel_axis,
     segment_image,
+    warm_imports,
 )
 
 #: layers this plugin marks as boundary maps (not offered as cells)
@@ -690,6 +691,7 @@ class EmbedWidget(QWidget):
         self.last_outcome: Outcome | None = None
         self._relay = _Relay(self)
         self._relay.progress.connect(self._on_progress)
+        warm_imports()
         self._build_ui()
 
     # ------------------------------------------------------------------ UI

@@ -1,0 +1,101 @@
+"""Take the user guide's screenshots from the real GUI (re-runnable).
+
+Run from the repository root under a display, e.g.
+``xvfb-run -a -s "-screen 0 1600x1000x24" .venv/bin/python scripts/make_screenshots.py``.
+Writes docs/images/*.png: the data and segmentation widget, the embed widget, and the explorer
+with a Leiden cluster selected and its patches, cells and attention maps on the image.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+OUT = Path(__file__).resolve().parents[1] / "docs" / "images"
+
+
+def _settle(viewer, seconds: float = 0.5) -> None:
+    from qtpy.QtWidgets import QApplication
+
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        QApplication.processEvents()
+        time.sleep(0.02)
+
+
+def _wait(predicate, timeout: float = 300.0) -> None:
+    from qtpy.QtWidgets import QApplication
+
+    end = time.perf_counter() + timeout
+    while not predicate():
+        if time.perf_counter() > end:
+            raise TimeoutError("the GUI did not get there in time")
+        QApplication.processEvents()
+        time.sleep(0.05)
+
+
+def _shot(viewer, name: str) -> None:
+    OUT.mkdir(parents=True, exist_ok=True)
+    viewer.screenshot(str(OUT / f"{name}.png"), canvas_only=False, flash=False)
+    print(f"wrote {OUT / name}.png")
+
+
+def main() -> None:
+    import napari
+
+    from napari_maeprobe._napari.dock import data_widget, embed_widget
+    from napari_maeprobe._napari.hub import hub_for
+
+    # 1. data and segmentation on the ExampleHuman sample
+    viewer = napari.Viewer(title="maeprobe")
+    viewer.window._qt_window.resize(1600, 1000)
+    viewer.open_sample("napari-maeprobe", "examplehuman")
+    data = data_widget(viewer)
+    viewer.window.add_dock_widget(data, name="Data and segmentation", area="right")
+    data.refresh()
+    _settle(viewer)
+    data.run_segmentation()
+    _wait(lambda: not data.is_running())
+    _settle(viewer, 1.0)
+    _shot(viewer, "data_widget")
+
+    # 2. the embed widget beside it
+    embed = embed_widget(viewer)
+    viewer.window.add_dock_widget(embed, name="Embed", area="right")
+    _settle(viewer, 1.0)
+    _shot(viewer, "embed_widget")
+    viewer.close()
+
+    # 3. the explorer on the sample with precomputed embeddings, a cluster selected
+    viewer = napari.Viewer(title="maeprobe explorer")
+    viewer.window._qt_window.resize(1600, 1000)
+    viewer.open_sample("napari-maeprobe", "imc_embeddings")
+    hub = hub_for(viewer)
+    _wait(lambda: hub.explorer is not None and hub.explorer.data is not None)
+    explorer = hub.explorer
+    obs = explorer.data.obs
+    big = obs["leiden"].value_counts().index[1]
+    row = int(np.flatnonzero((obs["leiden"] == big).to_numpy())[0])
+    explorer.scatter.pick_cluster(row, "leiden")
+    _settle(viewer, 1.5)
+    for layer in viewer.layers:
+        if layer.name.endswith("attention"):
+            layer.visible = False
+    _shot(viewer, "explorer_cluster_patches")
+    for layer in viewer.layers:
+        if layer.name.endswith("attention"):
+            layer.visible = True
+        if layer.name.endswith("selected patches"):
+            layer.visible = False
+    _settle(viewer, 0.5)
+    _shot(viewer, "explorer_attention")
+    explorer.colour.setCurrentText("patch_row")
+    _settle(viewer, 0.5)
+    _shot(viewer, "explorer_by_patch_row")
+    viewer.close()
+
+
+if __name__ == "__main__":
+    main()
