@@ -45,14 +45,14 @@ def _shot(viewer, name: str) -> None:
 def main() -> None:
     import napari
 
-    from napari_maeprobe._napari.dock import data_widget, embed_widget
+    from napari_maeprobe._napari.dock import DataDock, EmbedDock
     from napari_maeprobe._napari.hub import hub_for
 
     # 1. data and segmentation on the ExampleHuman sample
     viewer = napari.Viewer(title="maeprobe")
     viewer.window._qt_window.resize(1600, 1000)
     viewer.open_sample("napari-maeprobe", "examplehuman")
-    data = data_widget(viewer)
+    data = DataDock(viewer)
     viewer.window.add_dock_widget(data, name="Data and segmentation", area="right")
     data.refresh()
     _settle(viewer)
@@ -62,7 +62,7 @@ def main() -> None:
     _shot(viewer, "data_widget")
 
     # 2. the embed widget beside it
-    embed = embed_widget(viewer)
+    embed = EmbedDock(viewer)
     viewer.window.add_dock_widget(embed, name="Embed", area="right")
     _settle(viewer, 1.0)
     _shot(viewer, "embed_widget")

@@ -160,3 +160,16 @@ def test_gui_thread_stays_responsive_while_a_store_is_analysed(viewer, qtbot, tm
           f"(median {np.median(gaps):.0f} ms, {len(gaps)} ticks)")  # fmt: skip
     assert len(gaps) > 10
     assert gaps.max() < 2000  # generous on a shared 2-core CI box; the figure is reported
+
+
+def test_every_widget_opens_from_the_plugins_menu_and_they_find_each_other(viewer, qtbot):
+    from napari_maeprobe._napari.hub import hub_for
+
+    explorer = "Explorer (linked scatter, diagnostics, export)"
+    docks = {}
+    for name in ("Data and segmentation", "Embed", explorer):
+        _, docks[name] = viewer.window.add_plugin_dock_widget("napari-maeprobe", name)
+    hub = hub_for(viewer)
+    assert hub.data_widget is docks["Data and segmentation"]
+    assert hub.explorer is docks[explorer]
+    assert docks["Embed"].data_widget() is hub.data_widget

@@ -246,6 +246,14 @@ def test_drawn_points_sit_where_the_camera_maps_them(canvas, real, mode):
     x, y = np.round(canvas.data_to_canvas(xy[row])).astype(int)
     want = np.round(np.asarray(canvas.colours([row])[0]) * 255)
     np.testing.assert_allclose(img[y, x], want, atol=3)  # the selected point, fully opaque
+    # pan and zoom: the point follows the camera
+    rect = canvas._camera.rect
+    canvas._camera.rect = (rect.left + 0.2 * rect.width, rect.bottom, rect.width * 0.7, rect.height)
+    canvas.redraw()
+    img = canvas._canvas.render()
+    x2, y2 = np.round(canvas.data_to_canvas(xy[row])).astype(int)
+    assert (x2, y2) != (x, y)
+    np.testing.assert_allclose(img[y2, x2], want, atol=3)
     canvas.set_opacity(0.3)
     canvas.highlight([row])
     assert img.shape[:2] == tuple(canvas._canvas.physical_size[::-1])

@@ -480,7 +480,8 @@ class InferenceEngine:
                 for item in batches:
                     if stop.is_set():
                         return
-                    payload = bytes(ForkingPickler.dumps(item))
+                    # protocol 5 pickles arrays ~5x faster: shorter GIL holds (GUI stays smooth)
+                    payload = bytes(ForkingPickler.dumps(item, protocol=5))
                     sent.put(len(item[0]))
                     try:
                         self._to_worker.send_bytes(payload)

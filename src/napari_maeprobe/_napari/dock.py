@@ -1,34 +1,44 @@
-"""npe2 widget factories (Plugins > maeprobe): each dock widget registers with the viewer's hub
-so the data widget feeds the embed widget and a finished store reaches the explorer."""
+"""The dock widgets napari opens from Plugins > MAE probe (npe2 ``widgets`` contributions).
+
+napari passes the viewer to a widget class whose ``__init__`` takes ``napari_viewer``; these thin
+subclasses also register each widget with the viewer's hub, so the data widget feeds the embed
+widget and a finished or opened store reaches the explorer.
+"""
 
 from __future__ import annotations
 
+import napari
+
+from .explorer_widget import ExplorerWidget
 from .hub import hub_for
+from .widgets import DataWidget, EmbedWidget
 
 
-def data_widget(napari_viewer):
+class DataDock(DataWidget):
     """Data and segmentation: pick and name channels, z handling, segment cells."""
-    from .widgets import DataWidget
 
-    widget = DataWidget(napari_viewer)
-    hub_for(napari_viewer).data_widget = widget
-    return widget
+    def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
+        super().__init__(napari_viewer)
+        hub_for(napari_viewer).data_widget = self
 
 
-def embed_widget(napari_viewer):
+class EmbedDock(EmbedWidget):
     """Embed: model, weights, device, levels, masking; progress and cancel."""
-    from .widgets import EmbedWidget
 
-    hub = hub_for(napari_viewer)
-    widget = EmbedWidget(napari_viewer, hub.data_widget)
-    widget.store_ready.connect(hub.store_ready.emit)
-    return widget
+    def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
+        hub = hub_for(napari_viewer)
+        super().__init__(napari_viewer, hub.data_widget)
+        self.store_ready.connect(hub.store_ready.emit)
 
 
-def explorer_widget(napari_viewer):
+class ExplorerDock(ExplorerWidget):
     """Explorer: the linked scatter, diagnostics and export."""
-    from .explorer_widget import ExplorerWidget
 
-    widget = ExplorerWidget(napari_viewer)
-    hub_for(napari_viewer).explorer = widget
-    return widget
+    def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
+        super().__init__(napari_viewer)
+        hub_for(napari_viewer).explorer = self
+
+
+def explorer_widget(napari_viewer: napari.viewer.Viewer) -> ExplorerDock:
+    """An explorer docked by code (e.g. the sample with precomputed embeddings)."""
+    return ExplorerDock(napari_viewer)

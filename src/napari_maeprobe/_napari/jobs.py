@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import dask.array as da
 import numpy as np
@@ -32,6 +32,9 @@ import numpy as np
 from ..errors import MaeprobeInputError
 from ..image import MicroscopyImage, guess_axes
 from ..progress import Cancelled
+
+if TYPE_CHECKING:
+    from ..embedding import EmbedJob, EmbedResult
 
 log = logging.getLogger(__name__)
 
@@ -196,6 +199,28 @@ def guarded(fn: Callable[[], Any], cancelled: Callable[[], bool] = lambda: False
     return Outcome("done", value, seconds=time.perf_counter() - t0)
 
 
+class NamedJob:
+    """A job for a napari thread worker: runs ``fn`` through :func:`guarded`.
+
+    Its ``str`` is what napari's task status shows (instead of ``<function ...>``).
+    """
+
+    def __init__(
+        self, label: str, fn: Callable[[], Any], cancelled: Callable[[], bool] | None = None
+    ) -> None:
+        self.label = label
+        self.fn = fn
+        self.cancelled = cancelled or (lambda: False)
+
+    def __call__(self) -> Outcome:
+        return guarded(self.fn, self.cancelled)
+
+    def __str__(self) -> str:
+        return self.label
+
+    __repr__ = __str__
+
+
 def error_message(exc: BaseException) -> str:
     """What the user reads: the problem and its fix, or the error's type and message."""
     if isinstance(exc, MaeprobeInputError):
@@ -278,14 +303,19 @@ def release_full_gc() -> None:
 
 
 def warm_imports() -> None:
-    """Import what an embedding run needs now, on the GUI thread, at widget creation.
+    """Import (and run once) what an embedding run needs, on the GUI thread at widget creation.
 
-    Importing extension modules in the worker thread in the middle of a run held the GIL
-    (a 160 ms GUI stall on the first run); a widget that takes a moment to open is expected.
+    First calls in the worker thread held the GIL long enough to freeze the GUI: dask's first
+    ``compute`` imports its scheduler machinery (``distributed``, 0.5 s here) and
+    scikit-image loads its submodules lazily. A widget that takes a moment to open is expected;
+    a GUI that freezes in the middle of a run is not.
     """
-    from skimage import filters  # noqa: F401  (Otsu thresholds of the run's planning)
+    import dask.array as da
+    from skimage.filters import threshold_otsu  # noqa: F401  (the lazy loader imports it here)
 
     from .. import embedding, store  # noqa: F401
+
+    da.zeros(2, chunks=1).sum().compute()
 
 
 class EmbedTask:
@@ -295,13 +325,8 @@ class EmbedTask:
     of the library, plus ``(0, 0, "starting the model")`` before the engine starts.
     """
 
-    def __init__(
-        self,
-        on_progress: Callable[[int, int, str], None] | None = None,
-        threads: int | None = None,
-    ) -> None:
+    def __init__(self, on_progress: Callable[[int, int, str], None] | None = None) -> None:
         self.on_progress = on_progress
-        self.threads = threads
         self.engine = None  # the InferenceEngine, from the moment it starts its worker
         self._cancel = threading.Event()
         self._finished = threading.Event()
@@ -322,11 +347,10 @@ class EmbedTask:
 
     def cancel(self) -> None:
         """Ask the run to stop and kill the model's worker process (now, or once it starts)."""
-        if self._cancel.is_set() or self._finished.is_set():
-            self._cancel.set()
-            return
+        first = not self._cancel.is_set()
         self._cancel.set()
-        threading.Thread(target=self._kill_worker, daemon=True, name="maeprobe-cancel").start()
+        if first and not self._finished.is_set():
+            threading.Thread(target=self._kill_worker, daemon=True, name="maeprobe-cancel").start()
 
     def _kill_worker(self) -> None:
         """Kill the engine's worker as soon as it has one; stop trying when the run ends."""
@@ -345,10 +369,10 @@ class EmbedTask:
         self,
         image: MicroscopyImage,
         out: str | Path,
-        job,
+        job: EmbedJob,
         labels: np.ndarray | None = None,
         overwrite: bool = False,
-    ):
+    ) -> EmbedResult:
         """Embed ``image`` into the store at ``out`` (worker thread); returns the EmbedResult.
 
         Raises :class:`Cancelled` when cancelled, whatever the library was doing then.
@@ -366,7 +390,7 @@ class EmbedTask:
             self._finished.set()
             release_full_gc()
 
-    def _run(self, image, out, job, labels, overwrite):
+    def _run(self, image, out, job: EmbedJob, labels, overwrite: bool) -> EmbedResult:
         from ..embedding import run_embedding
         from ..inference import InferenceEngine
 
@@ -375,8 +399,6 @@ class EmbedTask:
             raise Cancelled("cancelled before the model started")
         self.progress(0, 0, "starting the model")
         config = job.engine_config()
-        if self.threads:
-            config.threads = self.threads
         task = self
 
         class _TrackedEngine(InferenceEngine):

@@ -13,7 +13,7 @@ the view's pixel size (vectorised numpy: point -> pixel, max-index per pixel so 
 on top, a disc dilation for the point size) and shown as one texture, re-rasterised on pan and
 zoom. ``set_render_mode`` forces either path. Selection, picking and lasso never depend on the
 drawing path: they run on the float32 coordinates (bounding-box prefilter, matplotlib ``Path``,
-and a ``cKDTree`` built in a background thread by ``set_data``).
+and a ``cKDTree`` that ``set_data`` builds in a background thread once the data is drawn).
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ _MARKER_DTYPE = np.dtype(
         ("a_symbol", np.float32),
     ]
 )
-# vispy >= 0.15 keeps one interleaved vertex buffer of this layout: upload it directly
+# vispy's Markers (0.17) keep one interleaved vertex buffer of this layout: upload it directly
 _FAST_UPLOAD = hasattr(MarkersVisual, "_upload_data")
 _DISC = float(MarkersVisual._symbol_shader_values.get("disc", 0))
 _EXECUTOR: ThreadPoolExecutor | None = None
@@ -404,7 +404,7 @@ class ScatterCanvas(QWidget):
 
     def set_data(self, coords: np.ndarray, obs: pd.DataFrame | None = None) -> None:
         """Show ``coords`` (n, 2); NaN rows are hidden. Row i of ``obs`` describes point i."""
-        xy = np.ascontiguousarray(coords, dtype=np.float32)
+        xy = np.array(coords, dtype=np.float32, order="C")  # a copy: callers may reuse theirs
         if xy.ndim != 2 or xy.shape[1] != 2:
             raise ValueError(f"coords must be (n, 2), got {np.shape(coords)}")
         n = len(xy)
@@ -419,9 +419,8 @@ class ScatterCanvas(QWidget):
         self._x, self._y = xy[:, 0].copy(), xy[:, 1].copy()
         self._finite = np.isfinite(self._x) & np.isfinite(self._y)
         self._sel_mask = np.zeros(n, bool)
-        self._tree_rows = np.flatnonzero(self._finite)
-        if len(self._tree_rows):
-            self._tree_future = _executor().submit(_build_tree, xy, self._tree_rows)
+        all_finite = bool(self._finite.all())
+        self._tree_rows = np.arange(n) if all_finite else np.flatnonzero(self._finite)
         self._apply_visibility(None)
         if column is not None and column in obs.columns:
             self._compute_colours(column)
@@ -429,6 +428,7 @@ class ScatterCanvas(QWidget):
             self._cidx = np.zeros(n, np.int32)
         self._fit_view()
         self._flush(geometry=True)
+        QTimer.singleShot(0, self._start_tree)  # index in the background once this is drawn
         self.legend_changed.emit(self.legend())
         if had_selection:
             self.selection_changed.emit(self.selected())
@@ -441,7 +441,7 @@ class ScatterCanvas(QWidget):
                 raise ValueError(f"mask must have shape ({self._n},), got {mask.shape}")
             shown &= mask
         self._shown_mask = shown
-        self._shown = np.flatnonzero(shown)
+        self._shown = self._tree_rows if mask is None else np.flatnonzero(shown)
         if len(self._shown) == self._n:
             self._sx, self._sy = self._x, self._y
         else:
@@ -690,12 +690,17 @@ class ScatterCanvas(QWidget):
 
     # ---------------------------------------------------------------- picking and tools
 
+    def _start_tree(self) -> None:
+        if self._tree_future is None and len(self._tree_rows):
+            self._tree_future = _executor().submit(_build_tree, self._xy, self._tree_rows)
+
     def kdtree(self):
         """The ``cKDTree`` of all finite points (rows: ``tree_rows()``); waits for its build."""
+        self._start_tree()
         return None if self._tree_future is None else self._tree_future.result()
 
     def tree_rows(self) -> np.ndarray:
-        return self._tree_rows
+        return self._tree_rows.copy()
 
     def canvas_to_data(self, pos) -> np.ndarray:
         """Canvas pixel position (x, y) -> data coordinates."""
@@ -945,9 +950,15 @@ class ScatterCanvas(QWidget):
             self._view_timer.start()
 
     def _on_view_timer(self) -> None:
+        self.redraw()
+
+    def redraw(self) -> None:
+        """Redraw for the current camera now (pan/zoom otherwise redraws on the next event-loop
+        turn, so that a burst of mouse moves costs one raster)."""
+        self._view_timer.stop()
         if self._raster_on:
             self._draw_raster()
-            self._canvas.update()
+        self._canvas.update()
 
     def _draw_raster(self) -> None:
         """Splat the visible (and selected) points into an image of the view's pixel grid."""

@@ -42,15 +42,17 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from ..embedding import EmbedJob
 from ..errors import MaeprobeInputError
+from ..image import MicroscopyImage
 from .jobs import (
     BuiltImage,
     ChannelSource,
     EmbedTask,
+    NamedJob,
     Outcome,
     build_image,
     error_message,
-    guarded,
     guess_channel_axis,
     segment_image,
     warm_imports,
@@ -61,6 +63,8 @@ BOUNDARY_KIND = "boundaries"
 Z_CHOICES = (("max projection", "max"), ("one slice", "slice"), ("native 3D", "keep"))
 NO_LABELS = "(none: segment when embedding)"
 AUTO_CHANNEL = "auto (by name)"
+#: the largest in-memory 3D layer whose planes are compared to tell channels from z-slices
+GUESS_MAX_BYTES = 512 * 2**20
 
 
 def _layer_array(layer: napari.layers.Layer):
@@ -105,6 +109,17 @@ class _Row:
         return (self.layer_id, self.index)
 
 
+def _disconnect(viewer, watched: dict, callback, *_) -> None:
+    """Stop following the viewer's layers once the widget is gone (the viewer may live on)."""
+    emitters = [viewer.layers.events.inserted, viewer.layers.events.removed]
+    emitters += [layer.events.name for layer in watched.values()]
+    for emitter in emitters:
+        try:
+            emitter.disconnect(callback)
+        except (RuntimeError, ValueError, TypeError):
+            pass
+
+
 def _busy(bar: QProgressBar, text: str) -> None:
     bar.setRange(0, 0)
     bar.setFormat(text)
@@ -115,7 +130,7 @@ def _busy(bar: QProgressBar, text: str) -> None:
 
 
 class DataWidget(QWidget):
-    """ "Data and segmentation": which layers form the image, its channels, z handling, cells.
+    """The "Data and segmentation" dock: the layers that form the image, its channels, z, cells.
 
     ``current_image()`` builds the :class:`~napari_maeprobe.image.MicroscopyImage` the other
     widgets use; ``current_labels()`` returns the chosen cells. Segmentation runs in a worker
@@ -136,10 +151,12 @@ class DataWidget(QWidget):
         self._watched: dict[object, napari.layers.Layer] = {}
         self._labels_auto = True
         self._worker = None
+        self._seg_built: BuiltImage | None = None
         self._building = False
         self._build_ui()
         viewer.layers.events.inserted.connect(self._on_layers_changed)
         viewer.layers.events.removed.connect(self._on_layers_changed)
+        self.destroyed.connect(partial(_disconnect, viewer, self._watched, self._on_layers_changed))
         self.refresh()
 
     # ------------------------------------------------------------------ UI
@@ -149,6 +166,7 @@ class DataWidget(QWidget):
         self.table.setHorizontalHeaderLabels(["Layer", "Channel name"])
         self.table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.Stretch)
         self.table.verticalHeader().setVisible(False)
+        self.table.setMinimumHeight(170)
         self.table.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
         self.table.setSelectionMode(QAbstractItemView.SelectionMode.SingleSelection)
         self.table.setToolTip(
@@ -247,15 +265,15 @@ class DataWidget(QWidget):
         return next((ly for ly in self.viewer.layers if ly.unique_id == layer_id), None)
 
     def _channel_axis(self, layer: napari.layers.Image) -> int | None:
+        """The layer's channel axis: chosen by the user, else guessed once from the layer."""
         if layer.unique_id not in self._split:
             data = _layer_array(layer)
-            single = "channel" in layer.metadata  # this plugin's reader: one layer per channel
-            sample = data if isinstance(data, np.ndarray) and not single else None
-            self._split[layer.unique_id] = (
-                None
-                if single and not layer.rgb
-                else guess_channel_axis(data.shape, layer.rgb, sample)
-            )
+            if "channel" in layer.metadata and not layer.rgb:
+                axis = None  # this plugin's reader: one layer per channel
+            else:  # in-memory pixels are compared plane by plane (C vs Z); not huge ones
+                small = isinstance(data, np.ndarray) and data.nbytes <= GUESS_MAX_BYTES
+                axis = guess_channel_axis(data.shape, layer.rgb, data if small else None)
+            self._split[layer.unique_id] = axis
         return self._split[layer.unique_id]
 
     def _spatial_shape(self, row: _Row) -> tuple[int, ...]:
@@ -345,8 +363,8 @@ class DataWidget(QWidget):
                     | Qt.ItemFlag.ItemIsSelectable
                 )
                 self.table.setItem(i, 1, name)
-            if 0 <= current < len(self._rows):
-                self.table.setCurrentCell(current, 0)
+            if self._rows:
+                self.table.setCurrentCell(min(max(current, 0), len(self._rows) - 1), 0)
         finally:
             self._building = False
         self._update_axis_combo()
@@ -426,12 +444,11 @@ class DataWidget(QWidget):
     def _update_dependents(self) -> None:
         """Channel pickers, z controls and the cells choice follow the ticked rows."""
         names = self.channel_names()
-        for combo, extra in ((self.nucleus_combo, [AUTO_CHANNEL]), (self.cell_combo,
-                                                                    [AUTO_CHANNEL])):  # fmt: skip
+        for combo in (self.nucleus_combo, self.cell_combo):
             keep = combo.currentText()
             combo.blockSignals(True)
             combo.clear()
-            combo.addItems(extra + names)
+            combo.addItems([AUTO_CHANNEL, *names])
             combo.setCurrentIndex(max(0, combo.findText(keep)))
             combo.blockSignals(False)
         ticked = [r for r in self._rows if r.checked]
@@ -448,12 +465,21 @@ class DataWidget(QWidget):
             if ticked
             else "Tick the image layers that form one image"
         )
-        self._update_labels_combo(shape)
+        self._update_labels_combo()
 
     def _update_z_controls(self) -> None:
         self.z_spin.setEnabled(self.z_combo.isEnabled() and self.z_combo.currentData() == "slice")
+        self._update_labels_combo()  # 2D or 3D cells follow the z handling
 
-    def _update_labels_combo(self, image_shape: tuple[int, ...] | None = None) -> None:
+    def _output_shape(self) -> tuple[int, ...]:
+        """The spatial shape of the image that ``current_image`` builds (after z handling)."""
+        ticked = [r for r in self._rows if r.checked]
+        shape = self._spatial_shape(ticked[0]) if ticked else ()
+        if len(shape) == 3 and self.z_combo.currentData() != "keep":
+            shape = shape[1:]
+        return shape
+
+    def _update_labels_combo(self) -> None:
         chosen = self.labels_combo.currentData()
         layers = self._labels_layers()
         self.labels_combo.blockSignals(True)
@@ -462,24 +488,19 @@ class DataWidget(QWidget):
         for ly in layers:
             self.labels_combo.addItem(ly.name, ly.unique_id)
         if self._labels_auto:
-            chosen = self._auto_labels(layers, image_shape)
+            chosen = self._auto_labels(layers, self._output_shape())
         self.labels_combo.setCurrentIndex(max(0, self.labels_combo.findData(chosen)))
         self.labels_combo.blockSignals(False)
 
-    def _auto_labels(self, layers, image_shape) -> object:
-        """The image's own cells layer, else a Labels layer of the image's (output) shape."""
+    def _auto_labels(self, layers, shape: tuple[int, ...]) -> object:
+        """The image's own cells layer, else any Labels layer, of the image's shape."""
+        if not shape:
+            return None
+        fits = [ly for ly in layers if tuple(_layer_array(ly).shape) == tuple(shape)]
         name = self._image_name()
-        own = next((ly for ly in layers if name and ly.name == f"{name} cells"), None)
-        if own is not None:
-            return own.unique_id
-        if image_shape:
-            shape = image_shape
-            if len(shape) == 3 and self.z_combo.currentData() != "keep":
-                shape = shape[1:]
-            match = next((ly for ly in layers if tuple(ly.data.shape) == tuple(shape)), None)
-            if match is not None:
-                return match.unique_id
-        return None
+        own = [ly for ly in fits if ly.name == f"{name} cells"]
+        best = own or fits
+        return best[0].unique_id if best else None
 
     def _on_labels_chosen(self, index: int) -> None:
         self._labels_auto = False
@@ -521,7 +542,7 @@ class DataWidget(QWidget):
         mode = self.z_combo.currentData()
         return build_image(sources, mode, self.z_spin.value() if mode == "slice" else None)
 
-    def current_image(self):
+    def current_image(self) -> MicroscopyImage:
         """The chosen image as a ``MicroscopyImage`` (lazy data, CYX or CZYX)."""
         return self.current_build().image
 
@@ -568,15 +589,17 @@ class DataWidget(QWidget):
             None if cell in ("", AUTO_CHANNEL) else cell,
             self.diameter_spin.value() or None,
         )
-        worker = create_worker(guarded, fn, _start_thread=False, _ignore_errors=True)
-        worker.returned.connect(partial(self._segmentation_done, built))
-        self._worker = worker
+        job = NamedJob(f"maeprobe: segmenting {built.image.name}", fn)
+        worker = create_worker(job, _start_thread=False, _ignore_errors=True)
+        worker.returned.connect(self._segmentation_done)  # a bound slot: gone with the widget
+        self._worker, self._seg_built = worker, built
         self.segment_button.setEnabled(False)
         self.segment_status.setText(f"segmenting {built.image.name}...")
         _busy(self.segment_progress, "segmenting...")
         worker.start()
 
-    def _segmentation_done(self, built: BuiltImage, outcome: Outcome) -> None:
+    def _segmentation_done(self, outcome: Outcome) -> None:
+        built = self._seg_built
         self._worker = None
         self.segment_button.setEnabled(True)
         self.segment_progress.setVisible(False)
@@ -596,9 +619,8 @@ class DataWidget(QWidget):
             colormap={None: "transparent", 1: "yellow"},
             opacity=0.8,
         )
-        self._labels_auto = True
-        self._update_labels_combo(tuple(built.image.spatial_shape))
-        self.labels_combo.setCurrentIndex(max(0, self.labels_combo.findData(cells.unique_id)))
+        self._labels_auto = True  # use the new cells (and follow later changes)
+        self._update_labels_combo()
         self.segment_status.setText(
             f"{res.n_cells} cells ({res.method}) in {outcome.seconds:.1f} s"
         )
@@ -607,7 +629,9 @@ class DataWidget(QWidget):
         self.segmented.emit(cells)
         self.segmentation_finished.emit("done")
 
-    def _put_labels(self, name, data, built: BuiltImage, metadata, **kwargs):
+    def _put_labels(
+        self, name: str, data: np.ndarray, built: BuiltImage, metadata: dict, **kwargs
+    ) -> napari.layers.Labels:
         """Add (or update) a Labels layer aligned with the image layers."""
         layer = next((ly for ly in self.viewer.layers if ly.name == name), None)
         if isinstance(layer, napari.layers.Labels) and layer.ndim == data.ndim:
@@ -662,7 +686,7 @@ def _usable_devices() -> list[str]:
 
 
 class EmbedWidget(QWidget):
-    """ "Embed": run a model over the cells of the current image into an embedding store.
+    """The "Embed" dock: run a model over the cells of the current image into a store.
 
     Settings mirror :class:`~napari_maeprobe.embedding.EmbedJob`. Run embeds in a worker
     thread (the model itself runs in the engine's worker process); Cancel stops within a
@@ -686,6 +710,7 @@ class EmbedWidget(QWidget):
         self._data_widget = data_widget
         self._worker = None
         self._task: EmbedTask | None = None
+        self._out: Path | None = None
         self._cancel_clicked: float | None = None
         self.last_result = None
         self.last_outcome: Outcome | None = None
@@ -724,7 +749,9 @@ class EmbedWidget(QWidget):
         weights_row.addWidget(self.weights_edit, 1)
         weights_row.addWidget(weights_browse)
         self.device_combo = QComboBox()
-        self.device_combo.addItems(_usable_devices())
+        for dev in _usable_devices():
+            self.device_combo.addItem(dev, dev)
+        self._set_auto_device_text()
         self.level_checks = {lvl: QCheckBox(lvl) for lvl in ("global", "channel", "patch")}
         levels_row = QHBoxLayout()
         for box in self.level_checks.values():
@@ -809,16 +836,24 @@ class EmbedWidget(QWidget):
 
     def _update_controls(self) -> None:
         spec, ok, where = self._specs[self.model_combo.currentData()]
-        self.model_info.setText(
-            f"{spec.summary}. Weights licence: {spec.licence}. "
-            + ("Weights on this machine." if ok else f"Weights not on this machine: {where}.")
-        )
+        here = "on this machine" if ok else f"not on this machine ({where})"
+        self.model_info.setText(f"Weights licence: {spec.licence}; {here}")
+        self.model_info.setToolTip(spec.summary)
         masked = self.masking_combo.currentText() != "none"
         self.ratio_spin.setEnabled(masked)
         self.tau_spin.setEnabled(self.masking_combo.currentText() == "boundary")
         self.recon_check.setEnabled(masked and spec.has_decoder)
         if not self.recon_check.isEnabled():
             self.recon_check.setChecked(False)
+
+    def _set_auto_device_text(self) -> None:
+        """Show what ``auto`` resolves to on this machine."""
+        from ..inference import resolve_device
+
+        try:
+            self.device_combo.setItemText(0, f"auto ({resolve_device('auto')})")
+        except Exception:  # torch unusable: leave the plain word
+            pass
 
     def _browse_weights(self) -> None:
         path, _ = QFileDialog.getOpenFileName(
@@ -856,10 +891,8 @@ class EmbedWidget(QWidget):
         self.viewer.window.add_dock_widget(self._data_widget, name="Data and segmentation")
         return self._data_widget
 
-    def current_job(self, data: DataWidget | None = None):
-        """The :class:`EmbedJob` the settings describe."""
-        from ..embedding import EmbedJob
-
+    def current_job(self, data: DataWidget | None = None) -> EmbedJob:
+        """The :class:`EmbedJob` the settings describe (segmentation settings from ``data``)."""
         data = data or self.data_widget()
         levels = tuple(lvl for lvl, box in self.level_checks.items() if box.isChecked())
         weights = self.weights_edit.text().strip() or None
@@ -874,7 +907,7 @@ class EmbedWidget(QWidget):
             tau=self.tau_spin.value(),
             attention=self.attention_check.isChecked(),
             reconstruction=self.recon_check.isChecked(),
-            device=self.device_combo.currentText(),
+            device=self.device_combo.currentData(),
         )
 
     def output_path(self, image_name: str, model: str) -> Path:
@@ -912,17 +945,14 @@ class EmbedWidget(QWidget):
             return
         task = EmbedTask(on_progress=self._relay.progress.emit)
         fn = partial(task.run, built.image, out, job, labels, self.overwrite_check.isChecked())
+        named = NamedJob(f"maeprobe: embedding {built.image.name}", fn, lambda: task.cancelled)
         worker = create_worker(
-            guarded,
-            fn,
-            lambda: task.cancelled,
-            _start_thread=False,
-            _ignore_errors=True,
-            _worker_class=_CancellableWorker,
+            named, _start_thread=False, _ignore_errors=True, _worker_class=_CancellableWorker
         )
-        worker.on_quit = task.cancel
-        worker.returned.connect(partial(self._run_done, out))
-        self._worker, self._task = worker, task
+        worker.on_quit = task.cancel  # napari's task manager (e.g. closing napari) cancels too
+        worker.returned.connect(self._run_done)  # a bound slot: gone with the widget
+        self.destroyed.connect(task.cancel)  # a closed viewer stops the run and its worker
+        self._worker, self._task, self._out = worker, task, out
         self._cancel_clicked = None
         self.last_result = None
         self._set_running(True)
@@ -958,8 +988,14 @@ class EmbedWidget(QWidget):
         bar.setValue(min(done, total))
         bar.setFormat("%v / %m cells" if desc == "embedding" else f"{desc}: %v / %m images")
 
-    def _run_done(self, out: Path, outcome: Outcome) -> None:
+    def _run_done(self, outcome: Outcome) -> None:
+        out, task = self._out, self._task
         self._worker, self._task = None, None
+        if task is not None:
+            try:
+                self.destroyed.disconnect(task.cancel)
+            except (TypeError, RuntimeError):
+                pass
         self.last_outcome = outcome
         self._set_running(False)
         self.progress_bar.setVisible(False)
