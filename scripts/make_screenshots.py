@@ -2,8 +2,9 @@
 
 Run from the repository root under a display, e.g.
 ``xvfb-run -a -s "-screen 0 1600x1000x24" .venv/bin/python scripts/make_screenshots.py``.
-Writes docs/images/*.png: the data and segmentation widget, the embed widget, and the explorer
-with a Leiden cluster selected and its patches, cells and attention maps on the image.
+Writes docs/images/*.png: the data and segmentation widget, the embed widget, the explorer
+with a Leiden cluster selected and its patches, cells and attention maps on the image, and the
+sample with precomputed embeddings.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ def main() -> None:
     data.refresh()
     _settle(viewer)
     data.run_segmentation()
-    _wait(lambda: not data.is_running())
+    _wait(lambda: not data.is_running)
     _settle(viewer, 1.0)
     _shot(viewer, "data_widget")
 
@@ -68,16 +69,32 @@ def main() -> None:
     _shot(viewer, "embed_widget")
     viewer.close()
 
-    # 3. the explorer on the sample with precomputed embeddings, a cluster selected
+    # 3. the explorer on ExampleHuman (512x512, 346 cells) embedded by the default model with
+    #    attention maps; a Leiden cluster of foreground patches selected
+    import tempfile
+
+    from napari_maeprobe._napari.dock import ExplorerDock
+    from napari_maeprobe.embedding import EmbedJob, run_embedding
+    from napari_maeprobe.samples import load_sample
+    from napari_maeprobe.segmentation import segment
+
+    image, _ = load_sample("examplehuman")
+    labels = segment(image, "builtin").labels
+    store = Path(tempfile.mkdtemp(prefix="maeprobe-shots-")) / "examplehuman.zarr"
+    run_embedding([image], store, EmbedJob(attention=True), [labels])
     viewer = napari.Viewer(title="maeprobe explorer")
     viewer.window._qt_window.resize(1600, 1000)
-    viewer.open_sample("napari-maeprobe", "imc_embeddings")
-    hub = hub_for(viewer)
-    _wait(lambda: hub.explorer is not None and hub.explorer.data is not None)
-    explorer = hub.explorer
+    viewer.open_sample("napari-maeprobe", "examplehuman")
+    viewer.add_labels(labels, name=f"{image.name} cells", opacity=0.25)
+    explorer = ExplorerDock(viewer)
+    viewer.window.add_dock_widget(explorer, name="maeprobe explorer", area="right")
+    explorer.load(store, "patch")  # analyses the store first, in a separate process
+    _wait(lambda: explorer.data is not None, timeout=600)
     obs = explorer.data.obs
-    big = obs["leiden"].value_counts().index[1]
-    row = int(np.flatnonzero((obs["leiden"] == big).to_numpy())[0])
+    sizes = obs["leiden"].value_counts()
+    fg = obs.groupby("leiden", observed=True)["foreground"].mean()
+    cluster = fg[sizes[fg.index] > 300].idxmax()  # the most foreground cluster of some size
+    row = int(np.flatnonzero((obs["leiden"] == cluster).to_numpy())[0])
     explorer.scatter.pick_cluster(row, "leiden")
     _settle(viewer, 1.5)
     for layer in viewer.layers:
@@ -94,6 +111,16 @@ def main() -> None:
     explorer.colour.setCurrentText("patch_row")
     _settle(viewer, 0.5)
     _shot(viewer, "explorer_by_patch_row")
+    viewer.close()
+
+    # 4. the quick start: File > Open Sample > IMC with precomputed embeddings
+    viewer = napari.Viewer(title="maeprobe sample")
+    viewer.window._qt_window.resize(1600, 1000)
+    viewer.open_sample("napari-maeprobe", "imc_embeddings")
+    hub = hub_for(viewer)
+    _wait(lambda: hub.explorer is not None and hub.explorer.data is not None)
+    _settle(viewer, 1.0)
+    _shot(viewer, "sample_with_embeddings")
     viewer.close()
 
 

@@ -157,8 +157,9 @@ def umap_embed(
     (equal counts per value of ``balance_by`` when given, e.g. per channel or dataset, else a
     uniform sample) and place the other rows with ``transform`` in chunks of
     ``TRANSFORM_CHUNK`` (progress per chunk; the callback can cancel). umap-learn's time grows
-    with the rows it optimises, so this keeps 1M rows at minutes instead of hours on a laptop,
-    at a small cost in trustworthiness (see docs/benchmarks.md).
+    with the rows it optimises: on 2 cores 1M 384-d rows took about 4 min this way, where a
+    plain fit had not finished after 40 min, and 100k rows 23 s against 70 s, with the same
+    trustworthiness (0.90 vs 0.89; docs/benchmarks.md).
 
     Deterministic by default: umap-learn runs with ``random_state=seed``, which makes it
     single-threaded, so the same rows give the same map (the napari view does not reshuffle

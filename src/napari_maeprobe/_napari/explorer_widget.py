@@ -21,6 +21,7 @@ from qtpy.QtWidgets import (
     QLabel,
     QProgressBar,
     QPushButton,
+    QScrollArea,
     QSlider,
     QTableWidget,
     QTableWidgetItem,
@@ -43,6 +44,16 @@ from .hub import hub_for
 from .scatter import LegendWidget, ScatterCanvas
 
 ALL = "(all)"
+
+
+def _label_colours(rgba: tuple[float, float, float, float]):
+    from napari.utils.colormaps import DirectLabelColormap
+
+    return DirectLabelColormap(color_dict={None: (0, 0, 0, 0), 0: (0, 0, 0, 0), 1: rgba})
+
+
+PATCH_COLOUR = (0.0, 0.9, 1.0, 1.0)  # cyan: selected patches
+OUTLINE_COLOUR = (1.0, 0.95, 0.0, 1.0)  # yellow: outlines of the selected cells
 
 
 def _error(exc: BaseException) -> None:
@@ -142,8 +153,13 @@ class ExplorerWidget(QWidget):
         layout.addLayout(top)
         layout.addLayout(form)
         layout.addWidget(self.progress)
+        self.scatter.setMinimumHeight(320)
+        legend_box = QScrollArea()
+        legend_box.setWidget(self.legend)
+        legend_box.setWidgetResizable(True)
+        legend_box.setMaximumHeight(110)
         layout.addWidget(self.scatter, 3)
-        layout.addWidget(self.legend)
+        layout.addWidget(legend_box)
         layout.addWidget(tabs, 1)
 
         self.open_button.clicked.connect(self._ask_open)
@@ -360,11 +376,13 @@ class ExplorerWidget(QWidget):
             mine = rows[(data.obs["image"].astype(str).iloc[rows] == image).to_numpy()]
             cell_labels = labels if data.level != "patch" else None
             hl = highlight_image(data, mine, image, shape, cell_labels)
-            self._put_layer(f"{image} selected patches", hl, "labels", like, opacity=0.5)
+            self._put_layer(f"{image} selected patches", hl, "labels", like, opacity=0.45,
+                            colormap=_label_colours(PATCH_COLOUR))  # fmt: skip
             cells = selected_cells(data, mine)["cell_id"].to_numpy(np.int64)
             if labels is not None and labels.shape == shape:
-                self._put_layer(f"{image} selected cells", cell_outlines(labels, cells),
-                                "labels", like, opacity=1.0)  # fmt: skip
+                outlines = cell_outlines(labels, cells)
+                self._put_layer(f"{image} selected cells", outlines, "labels", like,
+                                colormap=_label_colours(OUTLINE_COLOUR))  # fmt: skip
             for name, kwargs in (
                 ("attention", {"colormap": "inferno", "blending": "additive", "opacity": 0.7}),
                 ("reconstruction", {"colormap": "gray", "blending": "translucent"}),
