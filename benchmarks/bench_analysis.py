@@ -161,16 +161,23 @@ def _run_case(method: str, size: int, cap_s: float) -> dict:
     """One case in a subprocess with a time limit: its timing, or ``{"timeout": cap_s}``."""
     for stale in (CACHE / f"result_{method}_{size}.json", CACHE / f"coords_{method}_{size}.npy"):
         stale.unlink(missing_ok=True)
+    import resource
+
     cmd = [sys.executable, str(Path(__file__).resolve()), "worker", method, str(size)]
     t0 = time.perf_counter()
+    cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     try:
         subprocess.run(cmd, check=True, timeout=cap_s)
+        result = json.loads((CACHE / f"result_{method}_{size}.json").read_text())
     except subprocess.TimeoutExpired:
-        return {"timeout": cap_s}
+        result = {"timeout": cap_s}
     except subprocess.CalledProcessError as exc:  # e.g. killed for memory
-        return {"failed": f"exit status {exc.returncode}"}
-    result = json.loads((CACHE / f"result_{method}_{size}.json").read_text())
+        result = {"failed": f"exit status {exc.returncode}"}
+    cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    # CPU time the child got: on a shared machine it can be far below wall time x cores
+    result["cpu_s"] = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
     result["wall_s"] = time.perf_counter() - t0
+    result["load_1min"] = os.getloadavg()[0]
     return result
 
 
@@ -227,7 +234,7 @@ def _markdown(results: dict, cap_min: float) -> str:
         if "timeout" in c:
             lines.append(
                 f"| {c['size']:,} | {c['method']} | {c['size']:,} | not finished within "
-                f"{c['timeout'] / 60:.0f} min | - | - |"
+                f"{c['timeout'] / 60:.0f} min ({c['cpu_s'] / 60:.0f} CPU-min) | - | - |"
             )
             continue
         lines.append(
