@@ -18,6 +18,7 @@ BENCHMARKS = {
     "inference": "bench_inference",
     "analysis": "bench_analysis",
     "store": "bench_store",
+    "gui": "bench_gui",
 }
 
 
