@@ -82,20 +82,27 @@ def test_demo_report_shows_umaps_by_channel_position_dataset_cluster_and_diagnos
 
 @pytest.mark.gui
 @pytest.mark.skipif(not os.environ.get("DISPLAY"), reason="needs a display (scripts/test.sh)")
-def test_demo_gui_shows_images_labels_and_boundaries(demo, monkeypatch):
-    import napari
+def test_demo_gui_opens_images_cells_and_the_linked_explorer(demo, qtbot):
+    from napari_maeprobe._napari.hub import hub_for
 
-    monkeypatch.setattr(napari, "run", lambda *a, **k: None)
-    show_demo(demo)
-    viewer = napari.current_viewer()
+    viewer = show_demo(demo, run=False)
     try:
         names = [ly.name for ly in viewer.layers]
         assert names[:6] == ["Brightfield", "ER", "AGP", "Mito", "DNA", "RNA"]
-        cells = viewer.layers[names[6]]
-        assert (
-            isinstance(cells, napari.layers.Labels)
-            and cells.data.max() == demo.segmented[0].segmentation.n_cells
+        first = demo.segmented[0]
+        cells = viewer.layers[f"{first.image.name} cells"]
+        assert cells.data.max() == first.segmentation.n_cells
+        np.testing.assert_array_equal(
+            viewer.layers[f"{first.image.name} boundaries"].data > 0, first.boundary
         )
-        assert np.array_equal(viewer.layers[names[7]].data > 0, demo.segmented[0].boundary)
+        explorer = hub_for(viewer).explorer
+        qtbot.waitUntil(lambda: explorer.data is not None, timeout=60_000)
+        assert explorer.data.n == demo.rows["patch"]
+        # linked: selecting one cell's patch rows lights them up on the Cell Painting field
+        obs = explorer.data.obs
+        rows = np.flatnonzero(((obs.image == first.image.name) & (obs.cell_id == 1)).to_numpy())
+        explorer.scatter.select(rows)
+        qtbot.waitUntil(lambda: f"{first.image.name} selected patches" in viewer.layers)
+        assert viewer.layers[f"{first.image.name} selected patches"].data.any()
     finally:
         viewer.close()

@@ -147,18 +147,32 @@ def run_demo(
                       result.facts, seconds)  # fmt: skip
 
 
-def show_demo(result: DemoResult) -> None:
-    """Open the demo's images, labels and boundary maps in napari."""
+def show_demo(result: DemoResult, run: bool = True):
+    """Open the demo in napari, linked: the 2D images with their cells and boundaries, and the
+    explorer docked on the demo's store (select points to see their patches and attention maps
+    on the images; click a cell to see its points)."""
     import napari
 
+    from ._napari.dock import explorer_widget
+    from ._napari.hub import hub_for
     from ._napari.layers import image_layers
 
     viewer = napari.Viewer(title="maeprobe demo")
-    for s in result.segmented[:1]:
+    for s in result.segmented:
+        if s.image.is_3d:
+            continue
         for data, meta, _ in image_layers(s.image):
+            meta["name"] = f"{s.image.name} {meta['name']}" if s is not result.segmented[0] else (
+                meta["name"]
+            )  # fmt: skip
+            meta["visible"] = s is result.segmented[0]
             viewer.add_image(data, **meta)
-        viewer.add_labels(s.segmentation.labels, name=f"{s.image.name} cells", opacity=0.3)
-        viewer.add_labels(
-            s.boundary.astype("uint8"), name=f"{s.image.name} boundaries", opacity=0.8
-        )
-    napari.run()
+        viewer.add_labels(s.segmentation.labels, name=f"{s.image.name} cells", opacity=0.3,
+                          visible=s is result.segmented[0])  # fmt: skip
+        viewer.add_labels(s.boundary.astype("uint8"), name=f"{s.image.name} boundaries",
+                          opacity=0.8, visible=s is result.segmented[0])  # fmt: skip
+    hub_for(viewer).last_store = result.store_path  # the explorer loads it when docked
+    viewer.window.add_dock_widget(explorer_widget(viewer), name="maeprobe explorer", area="right")
+    if run:
+        napari.run()
+    return viewer
