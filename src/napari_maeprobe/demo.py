@@ -161,16 +161,15 @@ def show_demo(result: DemoResult, run: bool = True):
     for s in result.segmented:
         if s.image.is_3d:
             continue
+        first = s is result.segmented[0]  # shown; the other images are hidden layers
         for data, meta, _ in image_layers(s.image):
-            meta["name"] = f"{s.image.name} {meta['name']}" if s is not result.segmented[0] else (
-                meta["name"]
-            )  # fmt: skip
-            meta["visible"] = s is result.segmented[0]
-            viewer.add_image(data, **meta)
+            if not first:  # channel names repeat across images: prefix the image
+                meta["name"] = f"{s.image.name} {meta['name']}"
+            viewer.add_image(data, visible=first, **meta)
         viewer.add_labels(s.segmentation.labels, name=f"{s.image.name} cells", opacity=0.3,
-                          visible=s is result.segmented[0])  # fmt: skip
+                          visible=first)  # fmt: skip
         viewer.add_labels(s.boundary.astype("uint8"), name=f"{s.image.name} boundaries",
-                          opacity=0.8, visible=s is result.segmented[0])  # fmt: skip
+                          opacity=0.8, visible=first)  # fmt: skip
     hub_for(viewer).last_store = result.store_path  # the explorer loads it when docked
     viewer.window.add_dock_widget(explorer_widget(viewer), name="maeprobe explorer", area="right")
     if run:

@@ -84,8 +84,6 @@ class ModelInfo:
     device: str
     precision: str
     input_size: tuple[int, ...] = ()  # the crop size the model was built for ([Z,] Y, X)
-    has_decoder: bool = False
-    in_channels: int | None = None  # fixed channel count, or None for channel-agnostic models
 
 
 def model_input_size(model) -> tuple[int, ...]:
@@ -210,8 +208,6 @@ class _Runner:
             self.device,
             self.precision,
             model_input_size(m),
-            bool(m.has_decoder),
-            None if m.channel_agnostic else getattr(m, "in_chans", None),
         )
 
     def batch_size(self, shape: tuple[int, ...], n: int) -> int:

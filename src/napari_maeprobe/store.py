@@ -334,7 +334,7 @@ class EmbeddingStore:
     def read_level(
         self, level: str, images: Iterable[int] | None = None
     ) -> tuple[pd.DataFrame, np.ndarray]:
-        """(obs, X float32) of one level, with the analysis results joined as obs columns."""
+        """(obs, X float32) of one level (analysis results: :meth:`read_analysis`)."""
         obs = self.read_obs(level, images)
         X = self.read_embeddings(level, images)
         return obs, X

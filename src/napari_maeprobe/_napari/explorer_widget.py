@@ -77,6 +77,7 @@ class ExplorerWidget(QWidget):
         self._worker = None
         self._labels_cache: dict[str, np.ndarray] = {}
         self.last_clicked: np.ndarray = np.zeros(0, dtype=np.int64)
+        self.drivers = None  # the DriversReport the diagnostics tab shows
 
         self.source_label = QLabel("no embeddings loaded")
         self.open_button = QPushButton("Open store / .h5ad...")
@@ -220,7 +221,6 @@ class ExplorerWidget(QWidget):
             return load_level(path, level)
 
         self._run(work(), self._show, busy="loading")
-        self._levels = levels
         self.level.blockSignals(True)
         self.level.clear()
         self.level.addItems(levels)
@@ -434,12 +434,12 @@ class ExplorerWidget(QWidget):
 
     # ------------------------------------------------------------------ diagnostics
     def _show_drivers(self, report) -> None:
+        self.drivers = report
         self.table.clear()
         if report is None:
             self.verdict.setText("no diagnostics yet (analyse the store)")
             self.table.setRowCount(0)
             return
-        self.drivers = report
         self.verdict.setText(f"<b>{report.verdict}</b>")
         table = report.table
         cols = [c for c in ("column", "ami", "knn_purity", "purity_baseline", "purity_gain",
@@ -485,7 +485,7 @@ class ExplorerWidget(QWidget):
 
     def colour_by_top_column(self) -> None:
         """Recolour the scatter by the column that best explains the clusters/selection."""
-        report = getattr(self, "drivers", None)
+        report = self.drivers
         if report is None or report.table.empty:
             return
         top = str(report.table.iloc[0]["column"])
