@@ -8,7 +8,7 @@ ExampleHuman (3), the NEUBIAS cell/DNA/MTS/actin image (3) and z-slices of the 3
 are computed once, shuffled with a fixed seed and cached in ``benchmarks/.cache/`` (not in git);
 the 100k set is the first 100k rows of the 1M set.
 
-Each size runs :func:`napari_maeprobe.analysis.umap_embed` with its defaults (fit on 20k rows,
+Each size runs :func:`napari_maeprobe.tl.analysis.umap_embed` with its defaults (fit on 20k rows,
 then ``transform`` of the rest in chunks) and ``umap.UMAP().fit_transform`` on every row, each
 in its own subprocess (fresh memory, a time cap) on the same data in the same run. Quality:
 trustworthiness (scikit-learn, 10 neighbours) on one fixed 10k-row subset for both.
@@ -46,9 +46,9 @@ CAP_MIN = 40
 
 def _images() -> dict[str, tuple[np.ndarray, list[str]]]:
     """Each source as normalised float32 ``(C, [Z,] Y, X)`` with its channel names."""
-    from napari_maeprobe.preprocessing import normalize
-    from napari_maeprobe.reading import read_image
-    from napari_maeprobe.samples import load_sample, sample_data_dir
+    from napari_maeprobe.io.reading import read_image
+    from napari_maeprobe.io.samples import load_sample, sample_data_dir
+    from napari_maeprobe.pp.preprocessing import normalize
 
     out = {}
     for key, _ in SOURCES:
@@ -133,7 +133,7 @@ def _worker(method: str, size: int) -> None:
 
     import umap
 
-    from napari_maeprobe.analysis import umap_embed
+    from napari_maeprobe.tl.analysis import umap_embed
 
     X = np.ascontiguousarray(real_embeddings()[0][:size])
     # numba compiles pynndescent and the layout optimiser on first use in every process

@@ -15,7 +15,7 @@ import time
 import numpy as np
 import torch
 
-from napari_maeprobe.inference import EngineConfig, InferenceEngine
+from napari_maeprobe.embed.engine import EngineConfig, InferenceEngine
 
 
 def matmul_ceiling(dtype: torch.dtype, n: int = 2048, repeats: int = 10) -> float:

@@ -11,10 +11,10 @@ import tracemalloc
 
 import numpy as np
 
-from napari_maeprobe.boundaries import boundary_map
-from napari_maeprobe.preprocessing import cell_crops, normalize, patch_table, tile_image
-from napari_maeprobe.samples import load_sample
-from napari_maeprobe.segmentation import segment
+from napari_maeprobe.io.samples import load_sample
+from napari_maeprobe.pp.boundaries import boundary_map
+from napari_maeprobe.pp.preprocessing import cell_crops, normalize, patch_table, tile_image
+from napari_maeprobe.pp.segmentation import segment
 
 
 def _measure(fn, repeats: int):

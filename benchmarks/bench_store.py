@@ -23,9 +23,10 @@ import numpy as np
 
 JOB_SCRIPT = r"""
 import json, resource, sys, time
-from napari_maeprobe.embedding import EmbedJob, run_embedding
-from napari_maeprobe.samples import load_sample
-from napari_maeprobe.segmentation import segment
+from napari_maeprobe.embed.job import EmbedJob
+from napari_maeprobe.embed.run_local import run_embedding
+from napari_maeprobe.io.samples import load_sample
+from napari_maeprobe.pp.segmentation import segment
 copies, out = int(sys.argv[1]), sys.argv[2]
 image, _ = load_sample("examplehuman")
 labels = segment(image, "builtin").labels
@@ -42,10 +43,11 @@ print(json.dumps({
 
 
 def _throughput(tmp: Path) -> list[tuple]:
-    from napari_maeprobe.embedding import EmbedJob, run_embedding
-    from napari_maeprobe.samples import load_sample
-    from napari_maeprobe.segmentation import segment
-    from napari_maeprobe.store import EmbeddingStore, UnitSpec
+    from napari_maeprobe.embed.job import EmbedJob
+    from napari_maeprobe.embed.run_local import run_embedding
+    from napari_maeprobe.embed.store import EmbeddingStore, UnitSpec
+    from napari_maeprobe.io.samples import load_sample
+    from napari_maeprobe.pp.segmentation import segment
 
     image, _ = load_sample("examplehuman")
     labels = segment(image, "builtin").labels

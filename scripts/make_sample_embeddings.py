@@ -10,10 +10,11 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from napari_maeprobe.embedding import EmbedJob, run_embedding
-from napari_maeprobe.samples import load_sample, sample_data_dir
-from napari_maeprobe.store import EmbeddingStore
-from napari_maeprobe.workflows import analyze_store
+from napari_maeprobe.embed.job import EmbedJob
+from napari_maeprobe.embed.run_local import run_embedding
+from napari_maeprobe.embed.store import EmbeddingStore
+from napari_maeprobe.io.samples import load_sample, sample_data_dir
+from napari_maeprobe.tl.analyze import analyze_store
 
 OUT = sample_data_dir() / "embeddings" / "imc_default.zarr"
 

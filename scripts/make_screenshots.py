@@ -74,9 +74,10 @@ def main() -> None:
     import tempfile
 
     from napari_maeprobe._napari.dock import ExplorerDock
-    from napari_maeprobe.embedding import EmbedJob, run_embedding
-    from napari_maeprobe.samples import load_sample
-    from napari_maeprobe.segmentation import segment
+    from napari_maeprobe.embed.job import EmbedJob
+    from napari_maeprobe.embed.run_local import run_embedding
+    from napari_maeprobe.io.samples import load_sample
+    from napari_maeprobe.pp.segmentation import segment
 
     image, _ = load_sample("examplehuman")
     labels = segment(image, "builtin").labels

@@ -11,8 +11,10 @@ import pytest
 from sklearn.datasets import make_blobs
 from sklearn.metrics import adjusted_rand_score
 
-from napari_maeprobe import analysis
-from napari_maeprobe.analysis import (
+from napari_maeprobe.errors import MaeprobeInputError
+from napari_maeprobe.progress import Cancelled
+from napari_maeprobe.tl import analysis
+from napari_maeprobe.tl.analysis import (
     apply_filters,
     balanced_sample,
     central_mask,
@@ -25,17 +27,15 @@ from napari_maeprobe.analysis import (
     pca,
     umap_embed,
 )
-from napari_maeprobe.errors import MaeprobeInputError
-from napari_maeprobe.progress import Cancelled
 
 
 @pytest.fixture(scope="module")
 def patch_obs() -> pd.DataFrame:
     """The real per-channel patch table of the Cell Painting field (64-px crops, 16-px
     patches: 40 cells x 6 channels x 16 patches)."""
-    from napari_maeprobe.preprocessing import cell_crops, normalize, patch_table
-    from napari_maeprobe.samples import load_sample
-    from napari_maeprobe.segmentation import segment
+    from napari_maeprobe.io.samples import load_sample
+    from napari_maeprobe.pp.preprocessing import cell_crops, normalize, patch_table
+    from napari_maeprobe.pp.segmentation import segment
 
     image, labels = load_sample("cellpainting")
     if labels is None:

@@ -11,8 +11,8 @@ import tifffile
 
 from napari_maeprobe import read_image
 from napari_maeprobe.errors import MaeprobeInputError, NoCellsFoundError
-from napari_maeprobe.samples import load_sample
-from napari_maeprobe.segmentation import segment
+from napari_maeprobe.io.samples import load_sample
+from napari_maeprobe.pp.segmentation import segment
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:

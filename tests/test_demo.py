@@ -12,7 +12,7 @@ import pytest
 import tifffile
 
 from napari_maeprobe.demo import run_demo, show_demo
-from napari_maeprobe.embedding import OBS_COLUMNS
+from napari_maeprobe.schema import OBS_COLUMNS
 
 
 @pytest.fixture(scope="module")

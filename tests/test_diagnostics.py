@@ -10,19 +10,19 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from napari_maeprobe.analysis import kmeans, leiden
-from napari_maeprobe.diagnostics import AMI_THRESHOLD, DriversReport, what_drives
 from napari_maeprobe.errors import MaeprobeInputError
 from napari_maeprobe.progress import Cancelled
+from napari_maeprobe.tl.analysis import kmeans, leiden
+from napari_maeprobe.tl.diagnostics import AMI_THRESHOLD, DriversReport, what_drives
 
 
 @pytest.fixture(scope="module")
 def patch_obs() -> pd.DataFrame:
     """The real per-channel patch table of the Cell Painting field (64-px crops, 16-px
     patches: 40 cells x 6 channels x 4 x 4 patches = 3840 rows)."""
-    from napari_maeprobe.preprocessing import cell_crops, normalize, patch_table
-    from napari_maeprobe.samples import load_sample
-    from napari_maeprobe.segmentation import segment
+    from napari_maeprobe.io.samples import load_sample
+    from napari_maeprobe.pp.preprocessing import cell_crops, normalize, patch_table
+    from napari_maeprobe.pp.segmentation import segment
 
     image, labels = load_sample("cellpainting")
     if labels is None:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from napari_maeprobe import analysis
 from napari_maeprobe.errors import MaeprobeInputError
-from napari_maeprobe.evaluation import attention_iou, effective_rank, linear_probe
+from napari_maeprobe.tl import analysis
+from napari_maeprobe.tl.evaluation import attention_iou, effective_rank, linear_probe
 
 
 def test_linear_probe_separable_vs_random_labels():

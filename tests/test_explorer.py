@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from napari_maeprobe.embedding import obs_frame
-from napari_maeprobe.explorer import (
+from napari_maeprobe.io.samples import load_sample
+from napari_maeprobe.pl.linking import (
     ExplorerData,
     highlight_image,
     load_level,
@@ -15,8 +15,8 @@ from napari_maeprobe.explorer import (
     patch_boxes,
     rows_at,
 )
-from napari_maeprobe.preprocessing import cell_crops, normalize, patch_table
-from napari_maeprobe.samples import load_sample
+from napari_maeprobe.pp.preprocessing import cell_crops, normalize, patch_table
+from napari_maeprobe.schema import conform
 
 IMAGE = "20210305_NE_mockData2_001"
 
@@ -33,7 +33,7 @@ def _data_3d():
     crops = cell_crops(normalize(image.to_numpy()), labels, (40, 64, 64), image.name,
                        image.channel_names)  # fmt: skip
     table = patch_table(crops, (10, 8, 8), per_channel=True, dataset=image.dataset)
-    obs = obs_frame(table, "patch")
+    obs = conform(table, "patch")
     coords = np.zeros((len(obs), 2), dtype=np.float32)
     data = ExplorerData("patch", obs, {"UMAP": coords}, (10, 8, 8), (40, 64, 64), None)
     return data, labels, image
@@ -79,7 +79,7 @@ def test_store_level_links_rows_cells_and_attention(sample_store):
 
 
 def test_h5ad_export_loads_in_the_explorer(sample_store, tmp_path):
-    from napari_maeprobe.export import export_store
+    from napari_maeprobe.io.export import export_store
 
     path = export_store(sample_store, "h5ad", tmp_path / "imc.h5ad")
     data = load_level(path, "channel")

@@ -37,7 +37,7 @@ def sample_store(sample_dir):
 def _explorer(viewer, qtbot, store, level="patch"):
     from napari_maeprobe._napari.explorer_widget import ExplorerWidget
     from napari_maeprobe._napari.layers import image_layers, labels_layer
-    from napari_maeprobe.samples import load_sample
+    from napari_maeprobe.io.samples import load_sample
 
     image, labels = load_sample("imc")
     for data, meta, _ in image_layers(image):
@@ -138,8 +138,9 @@ def test_sample_with_embeddings_opens_a_working_explorer(viewer, qtbot):
 def test_gui_thread_stays_responsive_while_a_store_is_analysed(viewer, qtbot, tmp_path):
     from qtpy.QtCore import QTimer
 
-    from napari_maeprobe.embedding import EmbedJob, run_embedding
-    from napari_maeprobe.samples import load_sample
+    from napari_maeprobe.embed.job import EmbedJob
+    from napari_maeprobe.embed.run_local import run_embedding
+    from napari_maeprobe.io.samples import load_sample
 
     image, labels = load_sample("imc")
     store = tmp_path / "fresh.zarr"

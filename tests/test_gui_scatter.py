@@ -22,9 +22,9 @@ from vispy.util import keys  # noqa: E402
 
 from napari_maeprobe._napari import scatter as scatter_mod  # noqa: E402
 from napari_maeprobe._napari.scatter import LegendWidget, ScatterCanvas  # noqa: E402
-from napari_maeprobe.preprocessing import cell_crops, normalize, patch_table  # noqa: E402
-from napari_maeprobe.samples import load_sample  # noqa: E402
-from napari_maeprobe.segmentation import segment  # noqa: E402
+from napari_maeprobe.io.samples import load_sample  # noqa: E402
+from napari_maeprobe.pp.preprocessing import cell_crops, normalize, patch_table  # noqa: E402
+from napari_maeprobe.pp.segmentation import segment  # noqa: E402
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

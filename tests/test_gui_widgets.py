@@ -28,8 +28,8 @@ from qtpy.QtCore import Qt, QTimer  # noqa: E402
 
 from napari_maeprobe._napari import widgets  # noqa: E402
 from napari_maeprobe._napari.layers import image_layers  # noqa: E402
-from napari_maeprobe.samples import load_sample  # noqa: E402
-from napari_maeprobe.store import EmbeddingStore  # noqa: E402
+from napari_maeprobe.embed.store import EmbeddingStore  # noqa: E402
+from napari_maeprobe.io.samples import load_sample  # noqa: E402
 
 LEFT = Qt.MouseButton.LeftButton
 
@@ -353,7 +353,7 @@ def test_embed_cancel_is_fast_and_leaves_the_gui_usable(docked, qtbot, errors, t
 def test_embed_crashed_worker_gives_an_error_and_reenables(
     docked, qtbot, errors, tmp_path, monkeypatch
 ):
-    import napari_maeprobe.embedding as embedding
+    import napari_maeprobe.embed.run_local as embedding
 
     real = embedding.run_embedding
 

@@ -10,11 +10,11 @@ import time
 import numpy as np
 import pytest
 
+from napari_maeprobe.embed.engine import EngineConfig, InferenceEngine, WorkerCrashedError
 from napari_maeprobe.errors import MaeprobeInputError
-from napari_maeprobe.inference import EngineConfig, InferenceEngine, WorkerCrashedError
-from napari_maeprobe.preprocessing import cell_crops, normalize
+from napari_maeprobe.io.samples import load_sample
+from napari_maeprobe.pp.preprocessing import cell_crops, normalize
 from napari_maeprobe.progress import Cancelled
-from napari_maeprobe.samples import load_sample
 
 TINY = dict(random_init=True, model="default")
 
@@ -23,7 +23,7 @@ TINY = dict(random_init=True, model="default")
 def crops() -> np.ndarray:
     """Real 96-px single-cell crops of the CellProfiler ExampleHuman field (3 channels)."""
     im, _ = load_sample("examplehuman")
-    from napari_maeprobe.segmentation import segment
+    from napari_maeprobe.pp.segmentation import segment
 
     seg = segment(im, "builtin")
     return cell_crops(normalize(im.to_numpy()), seg.labels, 96).crops[:24]

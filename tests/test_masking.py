@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from napari_maeprobe.boundaries import patch_fractions
 from napari_maeprobe.errors import MaeprobeInputError
-from napari_maeprobe.masking import make_mask, n_masked
-from napari_maeprobe.preprocessing import cell_crops, normalize
-from napari_maeprobe.samples import load_sample
-from napari_maeprobe.segmentation import segment
+from napari_maeprobe.io.samples import load_sample
+from napari_maeprobe.pp.boundaries import patch_fractions
+from napari_maeprobe.pp.masking import make_mask, n_masked
+from napari_maeprobe.pp.preprocessing import cell_crops, normalize
+from napari_maeprobe.pp.segmentation import segment
 
 
 def test_same_seed_same_mask_and_exact_counts():

@@ -8,12 +8,12 @@ import torch
 import torch.nn.functional as F
 
 from napari_maeprobe.errors import MaeprobeInputError
-from napari_maeprobe.masking import make_mask
+from napari_maeprobe.io.samples import load_sample
 from napari_maeprobe.models.camae import CAMAE
 from napari_maeprobe.models.layers import ParallelScalingBlock
 from napari_maeprobe.models.registry import create_model
-from napari_maeprobe.preprocessing import normalize
-from napari_maeprobe.samples import load_sample
+from napari_maeprobe.pp.masking import make_mask
+from napari_maeprobe.pp.preprocessing import normalize
 
 TINY = dict(img_size=64, patch_size=16, embed_dim=48, depth=2, num_heads=3, max_channels=11)
 

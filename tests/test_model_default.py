@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from napari_maeprobe.masking import make_mask
+from napari_maeprobe.io.samples import load_sample
 from napari_maeprobe.models.builtin import DEFAULT_WEIGHTS
 from napari_maeprobe.models.registry import create_model, get_spec, weights_status
-from napari_maeprobe.preprocessing import cell_crops, normalize
-from napari_maeprobe.samples import load_sample
-from napari_maeprobe.segmentation import segment
+from napari_maeprobe.pp.masking import make_mask
+from napari_maeprobe.pp.preprocessing import cell_crops, normalize
+from napari_maeprobe.pp.segmentation import segment
 
 
 @pytest.fixture(scope="module")

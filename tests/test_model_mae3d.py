@@ -19,7 +19,7 @@ from torch import nn
 import napari_maeprobe.models.builtin  # noqa: F401  (the built-in models first, then "mae3d")
 import napari_maeprobe.models.mae3d  # noqa: F401
 from napari_maeprobe.errors import MaeprobeInputError
-from napari_maeprobe.masking import make_mask
+from napari_maeprobe.io.samples import load_sample
 from napari_maeprobe.models.mae3d import (
     MAE3D,
     fft3d_loss,
@@ -28,8 +28,8 @@ from napari_maeprobe.models.mae3d import (
     nonzero_zscore,
 )
 from napari_maeprobe.models.registry import create_model, get_spec
-from napari_maeprobe.preprocessing import normalize
-from napari_maeprobe.samples import load_sample
+from napari_maeprobe.pp.masking import make_mask
+from napari_maeprobe.pp.preprocessing import normalize
 
 PATCH = (5, 8, 8)  # spots3d has only 17 planes: 3 patches of 5 along Z
 CROP = (15, 64, 64)

@@ -16,6 +16,7 @@ transformers = pytest.importorskip("transformers")
 
 from safetensors.torch import load_file, save_file  # noqa: E402
 
+from napari_maeprobe.io.samples import load_sample  # noqa: E402
 from napari_maeprobe.models import builtin  # noqa: E402, F401  (registers the package's models)
 from napari_maeprobe.models.base import ModelOutput  # noqa: E402
 from napari_maeprobe.models.registry import create_model, get_spec  # noqa: E402
@@ -25,8 +26,7 @@ from napari_maeprobe.models.vitmae import (  # noqa: E402
     build_vitmae,
     mae_sincos_2d,
 )
-from napari_maeprobe.preprocessing import normalize  # noqa: E402
-from napari_maeprobe.samples import load_sample  # noqa: E402
+from napari_maeprobe.pp.preprocessing import normalize  # noqa: E402
 
 TOL = 1e-5
 GRID = (14, 14)  # 224 / 16

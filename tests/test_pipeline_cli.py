@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from conftest import maeprobe
-from napari_maeprobe.embedding import OBS_COLUMNS
+from napari_maeprobe.schema import OBS_COLUMNS
 
 IMAGE = "20210305_NE_mockData2_001"
 

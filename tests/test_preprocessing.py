@@ -6,17 +6,17 @@ import numpy as np
 import pytest
 
 from napari_maeprobe import read_image
-from napari_maeprobe.boundaries import boundary_map, patch_fractions
-from napari_maeprobe.channels import select_channels
 from napari_maeprobe.errors import MaeprobeInputError
-from napari_maeprobe.preprocessing import (
+from napari_maeprobe.io.channels import select_channels
+from napari_maeprobe.io.samples import load_sample
+from napari_maeprobe.pp.boundaries import boundary_map, patch_fractions
+from napari_maeprobe.pp.preprocessing import (
     cell_crops,
     normalize,
     patch_table,
     project_z,
     tile_image,
 )
-from napari_maeprobe.samples import load_sample
 
 
 @pytest.fixture(scope="module")

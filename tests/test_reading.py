@@ -8,7 +8,7 @@ import tifffile
 
 from napari_maeprobe import read_image, read_images
 from napari_maeprobe.errors import MaeprobeInputError
-from napari_maeprobe.reading import group_channel_files
+from napari_maeprobe.io.reading import group_channel_files
 
 CELLPAINTING = ["Brightfield", "ER", "AGP", "Mito", "DNA", "RNA"]
 IMC = ["Ag107", "Cytokeratin 5", "Laminin", "YBX1", "H3K27Ac"]
@@ -178,7 +178,7 @@ def test_npy(tmp_path, sample_dir):
 
 
 def test_large_tiff_is_read_in_chunks(tmp_path, sample_dir, monkeypatch):
-    from napari_maeprobe import reading
+    from napari_maeprobe.io import reading
 
     arr = read_image(sample_dir / "alsf_cellpainting_6ch/images/orig").to_numpy()
     path = tmp_path / "stack.tif"

@@ -12,10 +12,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from napari_maeprobe.preprocessing import cell_crops, normalize, patch_table
-from napari_maeprobe.report import ami_series, write_report
-from napari_maeprobe.samples import load_sample
-from napari_maeprobe.segmentation import segment
+from napari_maeprobe.io.samples import load_sample
+from napari_maeprobe.pl.report import ami_series, write_report
+from napari_maeprobe.pp.preprocessing import cell_crops, normalize, patch_table
+from napari_maeprobe.pp.segmentation import segment
 
 PNG = b"\x89PNG\r\n\x1a\n"
 EVIL = "<b>x</b>"
@@ -135,7 +135,7 @@ def _drivers() -> dict[str, FakeDrivers]:
     }
 
 
-def _facts() -> dict:
+def job_facts() -> dict:
     return {
         "model": "default",
         "weights": "maeprobe_default_vits.safetensors",
@@ -171,7 +171,7 @@ def _referenced(page: str) -> list[str]:
 def test_report_writes_page_and_figures(tmp_path: Path, real_tables: dict) -> None:
     pyplot_before = "matplotlib.pyplot" in sys.modules
     levels = _levels(real_tables)
-    path = write_report(tmp_path, levels, _drivers(), _facts(), _segmentation(real_tables))
+    path = write_report(tmp_path, levels, _drivers(), job_facts(), _segmentation(real_tables))
 
     assert path == tmp_path / "report.html" and path.is_file()
     page = path.read_text(encoding="utf-8")

@@ -9,8 +9,8 @@ from scipy import ndimage
 
 from napari_maeprobe import read_images
 from napari_maeprobe.errors import NoCellsFoundError, WeightsNotFoundError
-from napari_maeprobe.samples import load_sample
-from napari_maeprobe.segmentation import matched_fraction, segment, segment_cellpose
+from napari_maeprobe.io.samples import load_sample
+from napari_maeprobe.pp.segmentation import matched_fraction, segment, segment_cellpose
 
 
 def test_examplehuman_plausible_count():
@@ -133,7 +133,7 @@ class _FakeCellpose4Model:
 def test_cellpose4_api_is_called_as_documented(monkeypatch, tmp_path):
     from cellpose import models
 
-    from napari_maeprobe import segmentation
+    from napari_maeprobe.pp import segmentation
 
     weights = tmp_path / "cpsam"
     weights.write_bytes(b"x")

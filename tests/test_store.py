@@ -7,11 +7,19 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from napari_maeprobe.embedding import OBS_COLUMNS, EmbedJob, close_clients, run_embedding
+from napari_maeprobe.embed.job import EmbedJob
+from napari_maeprobe.embed.run_dask import close_clients
+from napari_maeprobe.embed.run_local import run_embedding
+from napari_maeprobe.embed.store import (
+    EmbeddingStore,
+    StoreMismatchError,
+    decode_column,
+    encode_column,
+)
 from napari_maeprobe.errors import MaeprobeInputError
+from napari_maeprobe.io.samples import load_sample
 from napari_maeprobe.progress import Cancelled
-from napari_maeprobe.samples import load_sample
-from napari_maeprobe.store import EmbeddingStore, StoreMismatchError, decode_column, encode_column
+from napari_maeprobe.schema import OBS_COLUMNS
 
 JOB = EmbedJob(masking="random", attention=True, reconstruction=True, dtype="float32")
 
@@ -22,7 +30,7 @@ def imc_and_eh():
     chunk of ExampleHuman (3 channels), small enough for several runs in a test."""
     imc, imc_labels = load_sample("imc")
     eh, _ = load_sample("examplehuman")
-    from napari_maeprobe.segmentation import segment
+    from napari_maeprobe.pp.segmentation import segment
 
     eh_labels = segment(eh, "builtin").labels
     return [imc, eh], [imc_labels, eh_labels]

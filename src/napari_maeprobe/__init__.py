@@ -15,9 +15,9 @@ _LAZY = {
     "MaeprobeInputError": "errors",
     "NoCellsFoundError": "errors",
     "WeightsNotFoundError": "errors",
-    "MicroscopyImage": "image",
-    "read_image": "reading",
-    "read_images": "reading",
+    "MicroscopyImage": "io.image",
+    "read_image": "io.reading",
+    "read_images": "io.reading",
 }
 
 __all__ = [*_LAZY, "__version__"]

@@ -10,9 +10,9 @@ import sys
 import time
 from pathlib import Path
 
-from . import __version__
-from .errors import MaeprobeInputError
-from .progress import Cancelled, TqdmProgress
+from napari_maeprobe import __version__
+from napari_maeprobe.errors import MaeprobeInputError
+from napari_maeprobe.progress import Cancelled, TqdmProgress
 
 EXAMPLES = {
     "segment": (
@@ -238,9 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _load_inputs(args) -> list:
-    from .channels import select_channels
-    from .preprocessing import project_z
-    from .reading import read_images
+    from napari_maeprobe.io.channels import select_channels
+    from napari_maeprobe.io.reading import read_images
+    from napari_maeprobe.pp.preprocessing import project_z
 
     names = args.channel_names.split(",") if args.channel_names else None
     images = []
@@ -255,7 +255,11 @@ def _load_inputs(args) -> list:
 
 
 def cmd_segment(args) -> int:
-    from .workflows import require_images, segment_images, write_segmentation_outputs
+    from napari_maeprobe.pp.segment_batch import (
+        require_images,
+        segment_images,
+        write_segmentation_outputs,
+    )
 
     images = _load_inputs(args)
     require_images(images)
@@ -280,8 +284,12 @@ def cmd_segment(args) -> int:
 
 
 def cmd_embed(args) -> int:
-    from .embedding import EmbedJob, attach_metadata, close_clients, find_labels, run_embedding
-    from .workflows import require_images
+    from napari_maeprobe.embed.job import EmbedJob
+    from napari_maeprobe.embed.labels import find_labels
+    from napari_maeprobe.embed.metadata import attach_metadata
+    from napari_maeprobe.embed.run_dask import close_clients
+    from napari_maeprobe.embed.run_local import run_embedding
+    from napari_maeprobe.pp.segment_batch import require_images
 
     images = _load_inputs(args)
     require_images(images)
@@ -321,8 +329,8 @@ def _levels(value: str | None) -> list[str] | None:
 
 
 def cmd_analyze(args) -> int:
-    from .store import EmbeddingStore
-    from .workflows import AnalysisSettings, analyze_store
+    from napari_maeprobe.embed.store import EmbeddingStore
+    from napari_maeprobe.tl.analyze import AnalysisSettings, analyze_store
 
     store = EmbeddingStore(args.store, mode="a")
     settings = AnalysisSettings(
@@ -342,8 +350,8 @@ def cmd_analyze(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from .store import EmbeddingStore
-    from .workflows import evaluate_store
+    from napari_maeprobe.embed.store import EmbeddingStore
+    from napari_maeprobe.tl.evaluate import evaluate_store
 
     store = EmbeddingStore(args.store)
     results = evaluate_store(store, _levels(args.levels), args.probe)
@@ -360,7 +368,7 @@ def cmd_evaluate(args) -> int:
             print(f"  attention IoU with the cell masks: mean {a['mean']:.3f} "
                   f"(top {a['top_fraction']:.0%} of patches, {a['cells']} cells)")  # fmt: skip
     if args.json:
-        from .workflows import write_json
+        from napari_maeprobe.io.files import write_json
 
         write_json(args.json, results)
         print(f"wrote {args.json}")
@@ -368,7 +376,7 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .export import export_store
+    from napari_maeprobe.io.export import export_store
 
     path = export_store(args.store, args.format, args.out, args.level)
     print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")
@@ -376,7 +384,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .demo import run_demo
+    from napari_maeprobe.demo import run_demo
 
     start = time.perf_counter()
     result = run_demo(
@@ -389,7 +397,7 @@ def cmd_demo(args) -> int:
     print(result.describe())
     print(f"done in {time.perf_counter() - start:.1f} s; outputs in {args.out}")
     if args.gui:
-        from .demo import show_demo
+        from napari_maeprobe.demo import show_demo
 
         show_demo(result)
     return 0
@@ -398,9 +406,9 @@ def cmd_demo(args) -> int:
 def cmd_train(args) -> int:
     import json
 
-    from .models.builtin import DEFAULT_CONFIG
-    from .models.registry import create_model
-    from .training import (
+    from napari_maeprobe.models.builtin import DEFAULT_CONFIG
+    from napari_maeprobe.models.registry import create_model
+    from napari_maeprobe.models.training import (
         CropSampler,
         collect_training_images,
         load_training_set,
@@ -427,7 +435,7 @@ def cmd_train(args) -> int:
         return 0
     if args.out is None:
         raise MaeprobeInputError("no output file for the weights", "pass --out FILE.safetensors")
-    from .inference import resolve_device
+    from napari_maeprobe.embed.engine import resolve_device
 
     device = resolve_device(args.device)
     model = create_model("default", random_init=True)
@@ -470,7 +478,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_models(args) -> int:
-    from .models.registry import list_models, weights_status
+    from napari_maeprobe.models.registry import list_models, weights_status
 
     rows = [("name", "channels", "input", "embed", "decoder", "weights here", "licence of weights")]
     for spec in list_models():

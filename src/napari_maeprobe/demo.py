@@ -13,17 +13,16 @@ from pathlib import Path
 
 import pandas as pd
 
-from .progress import ProgressCallback
-from .samples import load_sample
-from .workflows import (
-    AnalysisSettings,
+from napari_maeprobe.io.files import write_json
+from napari_maeprobe.io.samples import load_sample
+from napari_maeprobe.pp.segment_batch import (
     SegmentedImage,
-    analyze_store,
     overlay_png,
     segment_images,
-    write_json,
     write_segmentation_outputs,
 )
+from napari_maeprobe.progress import ProgressCallback
+from napari_maeprobe.tl.analyze import AnalysisSettings, analyze_store
 
 DEMO_SAMPLES = ("cellpainting", "examplehuman", "imc", "nuclei3d")
 
@@ -71,10 +70,11 @@ def run_demo(
     settings: AnalysisSettings | None = None,
 ) -> DemoResult:
     """Segment, embed, analyse and report on the bundled samples (see the module docstring)."""
-    from .embedding import EmbedJob, run_embedding
-    from .export import export_store, to_anndata
-    from .report import write_report
-    from .store import EmbeddingStore
+    from napari_maeprobe.embed.job import EmbedJob
+    from napari_maeprobe.embed.run_local import run_embedding
+    from napari_maeprobe.embed.store import EmbeddingStore
+    from napari_maeprobe.io.export import export_store, to_anndata
+    from napari_maeprobe.pl.report import write_report
 
     out_dir = Path(out_dir)
     seconds: dict[str, float] = {}
@@ -113,7 +113,7 @@ def run_demo(
     seconds["export"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    from .diagnostics import DriversReport
+    from napari_maeprobe.tl.diagnostics import DriversReport
 
     levels = {lvl: to_anndata(store, [lvl]) for lvl in store.levels()}
     drivers = {}
@@ -153,9 +153,9 @@ def show_demo(result: DemoResult, run: bool = True):
     on the images; click a cell to see its points)."""
     import napari
 
-    from ._napari.dock import explorer_widget
-    from ._napari.hub import hub_for
-    from ._napari.layers import image_layers
+    from napari_maeprobe._napari.dock import explorer_widget
+    from napari_maeprobe._napari.hub import hub_for
+    from napari_maeprobe._napari.layers import image_layers
 
     viewer = napari.Viewer(title="maeprobe demo")
     for s in result.segmented:

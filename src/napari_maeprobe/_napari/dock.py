@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import napari
 
-from .explorer_widget import ExplorerWidget
-from .hub import hub_for
-from .widgets import DataWidget, EmbedWidget
+from napari_maeprobe._napari.explorer_widget import ExplorerWidget
+from napari_maeprobe._napari.hub import hub_for
+from napari_maeprobe._napari.widgets import DataWidget, EmbedWidget
 
 
 class DataDock(DataWidget):

@@ -1,6 +1,6 @@
 """The linked embedding explorer: scatter <-> image layers, diagnostics and export, in one dock.
 
-Thin over :mod:`napari_maeprobe.explorer` (rows <-> pixels), :mod:`.diagnostics` and
+Thin over :mod:`napari_maeprobe.pl.linking` (rows <-> pixels), :mod:`.diagnostics` and
 :mod:`.export`; the observation table of the loaded level is the single source of truth.
 Long work (loading, analysing, diagnosing a selection) runs in napari thread workers.
 """
@@ -30,7 +30,9 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from ..explorer import (
+from napari_maeprobe._napari.hub import hub_for
+from napari_maeprobe._napari.scatter import LegendWidget, ScatterCanvas
+from napari_maeprobe.pl.linking import (
     ExplorerData,
     available_levels,
     cell_outlines,
@@ -40,8 +42,6 @@ from ..explorer import (
     rows_at,
     selected_cells,
 )
-from .hub import hub_for
-from .scatter import LegendWidget, ScatterCanvas
 
 ALL = "(all)"
 
@@ -210,7 +210,7 @@ class ExplorerWidget(QWidget):
         @thread_worker
         def work():
             if path.suffix != ".h5ad":
-                from ..store import EmbeddingStore
+                from napari_maeprobe.embed.store import EmbeddingStore
 
                 store = EmbeddingStore(path)
                 missing = [lvl for lvl in levels if lvl not in store.analysed_levels()]
@@ -461,7 +461,7 @@ class ExplorerWidget(QWidget):
         them, in a worker thread; the table and verdict update when done."""
         from napari.qt.threading import thread_worker
 
-        from ..diagnostics import what_drives
+        from napari_maeprobe.tl.diagnostics import what_drives
 
         data = self.data
         rows = self.scatter.selected()
@@ -495,7 +495,7 @@ class ExplorerWidget(QWidget):
     # ------------------------------------------------------------------ export
     def export(self, path: str | Path, selection_only: bool = False, fmt: str | None = None):
         """Write the whole table or the selection (h5ad / parquet / csv, from the suffix)."""
-        from ..export import write_rows
+        from napari_maeprobe.io.export import write_rows
 
         data = self.data
         if data is None:

@@ -10,7 +10,7 @@ report), and it kills the inference worker process at once. The second is what m
 take effect within a fraction of a second: the engine reports progress only after each batch it
 sends (64 crops on a CPU, seconds of work), and starting the model reports nothing at all. A
 killed worker makes the engine's receive loop (it polls every 0.2 s) stop with
-:class:`~napari_maeprobe.inference.WorkerCrashedError`, which the task turns into ``Cancelled``.
+:class:`~napari_maeprobe.embed.engine.WorkerCrashedError`, which the task turns into ``Cancelled``.
 """
 
 from __future__ import annotations
@@ -29,12 +29,13 @@ from typing import TYPE_CHECKING, Any
 import dask.array as da
 import numpy as np
 
-from ..errors import MaeprobeInputError
-from ..image import MicroscopyImage, guess_axes
-from ..progress import Cancelled
+from napari_maeprobe.errors import MaeprobeInputError
+from napari_maeprobe.io.image import MicroscopyImage, guess_axes
+from napari_maeprobe.progress import Cancelled
 
 if TYPE_CHECKING:
-    from ..embedding import EmbedJob, EmbedResult
+    from napari_maeprobe.embed.job import EmbedJob
+    from napari_maeprobe.embed.run_local import EmbedResult
 
 log = logging.getLogger(__name__)
 
@@ -225,7 +226,7 @@ def error_message(exc: BaseException) -> str:
     """What the user reads: the problem and its fix, or the error's type and message."""
     if isinstance(exc, MaeprobeInputError):
         return f"{exc.problem}. Fix: {exc.fix}." if exc.fix else f"{exc.problem}."
-    from ..inference import WorkerCrashedError
+    from napari_maeprobe.embed.engine import WorkerCrashedError
 
     if isinstance(exc, WorkerCrashedError):
         return str(exc)
@@ -254,8 +255,8 @@ def segment_image(
     diameter: float | None = None,
 ) -> SegmentationResult:
     """Segment the cells of ``image`` and compute their boundary map (worker thread)."""
-    from ..boundaries import boundary_map
-    from ..segmentation import segment
+    from napari_maeprobe.pp.boundaries import boundary_map
+    from napari_maeprobe.pp.segmentation import segment
 
     seg = segment(image, method, nucleus_channel, cell_channel, diameter)
     labels = np.asarray(seg.labels)
@@ -313,7 +314,7 @@ def warm_imports() -> None:
     import dask.array as da
     from skimage.filters import threshold_otsu  # noqa: F401  (the lazy loader imports it here)
 
-    from .. import embedding, store  # noqa: F401
+    from napari_maeprobe.embed import run_local, store  # noqa: F401
 
     da.zeros(2, chunks=1).sum().compute()
 
@@ -391,8 +392,8 @@ class EmbedTask:
             release_full_gc()
 
     def _run(self, image, out, job: EmbedJob, labels, overwrite: bool) -> EmbedResult:
-        from ..embedding import run_embedding
-        from ..inference import InferenceEngine
+        from napari_maeprobe.embed.engine import InferenceEngine
+        from napari_maeprobe.embed.run_local import run_embedding
 
         job.check()
         if self.cancelled:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..image import MicroscopyImage
+from napari_maeprobe.io.image import MicroscopyImage
 
 COLORMAPS = (
     "blue",

@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from ..reading import is_supported, read_images
-from .layers import image_layers, labels_layer
+from napari_maeprobe._napari.layers import image_layers, labels_layer
+from napari_maeprobe.io.reading import is_supported, read_images
 
 LABEL_WORDS = ("label", "mask")
 

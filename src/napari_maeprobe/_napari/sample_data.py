@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from ..samples import load_sample
-from .layers import image_layers, labels_layer
+from napari_maeprobe._napari.layers import image_layers, labels_layer
+from napari_maeprobe.io.samples import load_sample
 
 
 def _layers(key: str) -> list[tuple]:
@@ -43,7 +43,7 @@ def imc_with_embeddings() -> list[tuple]:
     """IMC region with precomputed embeddings of the bundled default model: the image, its cells,
     and the explorer opened on the precomputed store (all three levels, UMAP, Leiden,
     diagnostics, attention maps), so the linked views work within seconds."""
-    from ..samples import sample_data_dir
+    from napari_maeprobe.io.samples import sample_data_dir
 
     store = sample_data_dir() / "embeddings" / "imc_default.zarr"
     image, labels = load_sample("imc")
@@ -62,8 +62,8 @@ def _open_explorer_later(store) -> None:
         viewer = napari.current_viewer()
         if viewer is None:
             return
-        from .dock import explorer_widget
-        from .hub import hub_for
+        from napari_maeprobe._napari.dock import explorer_widget
+        from napari_maeprobe._napari.hub import hub_for
 
         hub = hub_for(viewer)
         if hub.explorer is None:  # one explorer per viewer; it loads the hub's last store

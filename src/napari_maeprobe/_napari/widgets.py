@@ -42,10 +42,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from ..embedding import EmbedJob
-from ..errors import MaeprobeInputError
-from ..image import MicroscopyImage
-from .jobs import (
+from napari_maeprobe._napari.jobs import (
     BuiltImage,
     ChannelSource,
     EmbedTask,
@@ -57,6 +54,9 @@ from .jobs import (
     segment_image,
     warm_imports,
 )
+from napari_maeprobe.embed.job import EmbedJob
+from napari_maeprobe.errors import MaeprobeInputError
+from napari_maeprobe.io.image import MicroscopyImage
 
 #: layers this plugin marks as boundary maps (not offered as cells)
 BOUNDARY_KIND = "boundaries"
@@ -132,7 +132,7 @@ def _busy(bar: QProgressBar, text: str) -> None:
 class DataWidget(QWidget):
     """The "Data and segmentation" dock: the layers that form the image, its channels, z, cells.
 
-    ``current_image()`` builds the :class:`~napari_maeprobe.image.MicroscopyImage` the other
+    ``current_image()`` builds the :class:`~napari_maeprobe.io.image.MicroscopyImage` the other
     widgets use; ``current_labels()`` returns the chosen cells. Segmentation runs in a worker
     thread and adds ``"<image> cells"`` and ``"<image> boundaries"`` Labels layers aligned with
     the image layers (same scale and translate).
@@ -666,7 +666,7 @@ def _safe(name: str) -> str:
 
 def _usable_devices() -> list[str]:
     """``auto`` plus every device ``resolve_device`` accepts on this machine."""
-    from ..inference import resolve_device
+    from napari_maeprobe.embed.engine import resolve_device
 
     candidates = ["cpu", "cuda", "mps"]
     try:
@@ -688,7 +688,7 @@ def _usable_devices() -> list[str]:
 class EmbedWidget(QWidget):
     """The "Embed" dock: run a model over the cells of the current image into a store.
 
-    Settings mirror :class:`~napari_maeprobe.embedding.EmbedJob`. Run embeds in a worker
+    Settings mirror :class:`~napari_maeprobe.embed.job.EmbedJob`. Run embeds in a worker
     thread (the model itself runs in the engine's worker process); Cancel stops within a
     fraction of a second. ``store_ready`` carries the path of the store (or of an opened
     ``.h5ad``) for the explorer.
@@ -721,7 +721,7 @@ class EmbedWidget(QWidget):
 
     # ------------------------------------------------------------------ UI
     def _build_ui(self) -> None:
-        from ..models.registry import list_models, weights_status
+        from napari_maeprobe.models.registry import list_models, weights_status
 
         self.model_combo = QComboBox()
         self._specs = {}
@@ -848,7 +848,7 @@ class EmbedWidget(QWidget):
 
     def _set_auto_device_text(self) -> None:
         """Show what ``auto`` resolves to on this machine."""
-        from ..inference import resolve_device
+        from napari_maeprobe.embed.engine import resolve_device
 
         try:
             self.device_combo.setItemText(0, f"auto ({resolve_device('auto')})")
@@ -1029,7 +1029,7 @@ class EmbedWidget(QWidget):
     # ------------------------------------------------------------------ existing results
     def open_store(self, path: str | Path) -> bool:
         """Announce an existing embedding store (``store_ready``) without computing."""
-        from ..store import EmbeddingStore
+        from napari_maeprobe.embed.store import EmbeddingStore
 
         try:
             store = EmbeddingStore(path)

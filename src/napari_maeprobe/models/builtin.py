@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .camae import CAMAE
-from .registry import ModelSpec, load_strict, register_model
+from napari_maeprobe.models.camae import CAMAE
+from napari_maeprobe.models.registry import ModelSpec, load_strict, register_model
 
 BUNDLED = Path(__file__).parent / "weights"
 DEFAULT_WEIGHTS = BUNDLED / "maeprobe-default.safetensors"
@@ -112,7 +112,7 @@ register_model(
         has_decoder=True,
     )
 )
-from . import (  # noqa: E402,F401  (register vit-mae and dinov2)
+from napari_maeprobe.models import (  # noqa: E402,F401  (register vit-mae and dinov2)
     dinov2,
     mae3d,  # noqa: E402,F401  (registers mae3d)
     vitmae,

@@ -16,8 +16,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import MaeprobeModel, ModelOutput, patchify, unpatchify
-from .layers import Block, ParallelScalingBlock, init_weights, sincos_1d, sincos_2d
+from napari_maeprobe.models.base import MaeprobeModel, ModelOutput, patchify, unpatchify
+from napari_maeprobe.models.layers import (
+    Block,
+    ParallelScalingBlock,
+    init_weights,
+    sincos_1d,
+    sincos_2d,
+)
 
 
 def self_standardize(x: torch.Tensor, eps: float = 1e-5) -> tuple[torch.Tensor, ...]:

@@ -54,10 +54,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import MaeprobeModel, ModelOutput
-from .layers import init_weights
-from .registry import ModelSpec, load_strict, register_model
-from .vitmae import IMAGENET_MEAN, IMAGENET_STD, check_mask, convert_hf_layers, make_block
+from napari_maeprobe.models.base import MaeprobeModel, ModelOutput
+from napari_maeprobe.models.layers import init_weights
+from napari_maeprobe.models.registry import ModelSpec, load_strict, register_model
+from napari_maeprobe.models.vitmae import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    check_mask,
+    convert_hf_layers,
+    make_block,
+)
 
 _POOLS = ("cls", "mean")
 

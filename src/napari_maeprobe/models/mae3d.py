@@ -98,10 +98,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import MaeprobeInputError
-from .base import MaeprobeModel, ModelOutput, patchify, unpatchify
-from .layers import Mlp, attention
-from .registry import ModelSpec, load_strict, register_model
+from napari_maeprobe.errors import MaeprobeInputError
+from napari_maeprobe.models.base import MaeprobeModel, ModelOutput, patchify, unpatchify
+from napari_maeprobe.models.layers import Mlp, attention
+from napari_maeprobe.models.registry import ModelSpec, load_strict, register_model
 
 DEFAULT_PATCH = (10, 8, 8)
 DEFAULT_INPUT = (100, 176, 176)
@@ -611,7 +611,7 @@ class MAE3D(MaeprobeModel):
         against norm-pix targets, plus ``fft_weight`` times the FFT loss of the full
         reconstruction (in z-scored intensity): ``mse + fft_weight * fft``."""
         if mask is None:
-            raise ValueError("the MAE loss needs a mask (see napari_maeprobe.masking.make_mask)")
+            raise ValueError("the MAE loss needs a mask (see napari_maeprobe.pp.masking.make_mask)")
         grid = self._check(x)
         b, c = x.shape[:2]
         z, _, _ = nonzero_zscore(x.float())

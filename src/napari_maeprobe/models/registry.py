@@ -13,9 +13,14 @@ from pathlib import Path
 
 import torch
 
-from ..errors import MaeprobeInputError, WeightsNotFoundError
-from .base import MaeprobeModel
-from .weights import find_weights_file, load_state_dict, resolve_hub_weights, sha256_file
+from napari_maeprobe.errors import MaeprobeInputError, WeightsNotFoundError
+from napari_maeprobe.models.base import MaeprobeModel
+from napari_maeprobe.models.weights import (
+    find_weights_file,
+    load_state_dict,
+    resolve_hub_weights,
+    sha256_file,
+)
 
 
 @dataclass(frozen=True)
@@ -49,7 +54,7 @@ def _ensure_builtins() -> None:
     global _BUILTINS_LOADED
     if not _BUILTINS_LOADED:
         _BUILTINS_LOADED = True
-        from . import builtin  # noqa: F401  (registers the package's models)
+        from napari_maeprobe.models import builtin  # noqa: F401  (registers the package's models)
 
 
 def list_models() -> list[ModelSpec]:

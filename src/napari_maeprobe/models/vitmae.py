@@ -60,9 +60,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import MaeprobeModel, ModelOutput, patchify, unpatchify
-from .layers import Block, Mlp, init_weights, sincos_2d
-from .registry import ModelSpec, load_strict, register_model
+from napari_maeprobe.models.base import MaeprobeModel, ModelOutput, patchify, unpatchify
+from napari_maeprobe.models.layers import Block, Mlp, init_weights, sincos_2d
+from napari_maeprobe.models.registry import ModelSpec, load_strict, register_model
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import MaeprobeInputError, WeightsNotFoundError
+from napari_maeprobe.errors import MaeprobeInputError, WeightsNotFoundError
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.pth", "checkpoint.pth.tar")
 _ZIP_MAGIC = b"PK\x03\x04"

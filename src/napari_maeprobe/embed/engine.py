@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import MaeprobeInputError
-from .progress import ProgressCallback, report
+from napari_maeprobe.errors import MaeprobeInputError
+from napari_maeprobe.progress import ProgressCallback, report
 
 LEVELS = ("global", "channel", "patch")
 
@@ -164,7 +164,7 @@ class _Runner:
     def __init__(self, cfg: EngineConfig) -> None:
         import torch
 
-        from .models.registry import create_model
+        from napari_maeprobe.models.registry import create_model
 
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
@@ -228,7 +228,7 @@ class _Runner:
     def run(self, index: np.ndarray, crops: np.ndarray, boundary: np.ndarray | None) -> BatchResult:
         import torch
 
-        from .masking import make_mask
+        from napari_maeprobe.pp.masking import make_mask
 
         cfg = self.cfg
         x = torch.from_numpy(np.ascontiguousarray(crops))
@@ -278,7 +278,7 @@ class _Runner:
 def worker_main(read_fd: int, write_fd: int) -> None:
     """Worker process: read the config, build the model, then answer batches until told to stop.
 
-    Started as ``python -m napari_maeprobe._inference_worker READ_FD WRITE_FD``: a fresh
+    Started as ``python -m napari_maeprobe.embed._worker READ_FD WRITE_FD``: a fresh
     interpreter, so the caller's script is not re-imported (as multiprocessing's spawn would).
     """
     from multiprocessing.connection import Connection
@@ -364,7 +364,7 @@ class InferenceEngine:
         r1, w1 = os.pipe()  # to the worker
         r2, w2 = os.pipe()  # from the worker
         self._proc = subprocess.Popen(
-            [sys.executable, "-m", "napari_maeprobe._inference_worker", str(r1), str(w2)],
+            [sys.executable, "-m", "napari_maeprobe.embed._worker", str(r1), str(w2)],
             pass_fds=(r1, w2),
         )
         os.close(r1)
@@ -420,7 +420,7 @@ class InferenceEngine:
                 name, message, fix, _tb = payload
                 self.close(kill=True)
                 if name in ("MaeprobeInputError", "WeightsNotFoundError", "NoCellsFoundError"):
-                    from . import errors
+                    from napari_maeprobe import errors
 
                     raise getattr(errors, name)(message, fix)
                 if name == "ValueError":  # the model refused the input (size, channels)

@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .masking import make_mask
-from .progress import ProgressCallback, report
+from napari_maeprobe.pp.masking import make_mask
+from napari_maeprobe.progress import ProgressCallback, report
 
 
 @dataclass
@@ -39,11 +39,11 @@ def collect_training_images(
     for boundary maps and cell centres, and downsample images larger than ``max_side``."""
     from scipy import ndimage
 
-    from .boundaries import boundary_map
-    from .errors import MaeprobeInputError
-    from .preprocessing import normalize, project_z
-    from .reading import IMAGE_EXTS, read_images
-    from .segmentation import segment
+    from napari_maeprobe.errors import MaeprobeInputError
+    from napari_maeprobe.io.reading import IMAGE_EXTS, read_images
+    from napari_maeprobe.pp.boundaries import boundary_map
+    from napari_maeprobe.pp.preprocessing import normalize, project_z
+    from napari_maeprobe.pp.segmentation import segment
 
     folders = []
     for root in roots:
@@ -112,7 +112,7 @@ def save_training_set(images: list[TrainingImage], path: Path) -> None:
 
 def load_training_set(path: Path) -> list[TrainingImage]:
     """Read a training set written by :func:`save_training_set`."""
-    from .errors import MaeprobeInputError
+    from napari_maeprobe.errors import MaeprobeInputError
 
     if not Path(path).is_file():
         raise MaeprobeInputError(
@@ -138,7 +138,7 @@ class CropSampler:
         self, images: list[TrainingImage], size: int, patch: int, max_channels: int, seed: int = 0
     ) -> None:
         if not images:
-            from .errors import MaeprobeInputError
+            from napari_maeprobe.errors import MaeprobeInputError
 
             raise MaeprobeInputError(
                 "no usable training images were found",

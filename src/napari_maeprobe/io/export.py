@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .errors import MaeprobeInputError
-from .store import EmbeddingStore, combine_categoricals
-from .workflows import _atomic_write
+from napari_maeprobe.embed.store import EmbeddingStore, combine_categoricals
+from napari_maeprobe.errors import MaeprobeInputError
+from napari_maeprobe.io.files import atomic_write
 
 FORMATS = ("h5ad", "parquet", "csv")
 
@@ -129,7 +129,7 @@ def make_anndata(obs: pd.DataFrame, X: np.ndarray, obsm: dict, uns: dict):
     """An AnnData from the pieces :func:`collect` returns (or a selection of their rows)."""
     import anndata as ad
 
-    from .diagnostics import DriversReport
+    from napari_maeprobe.tl.diagnostics import DriversReport
 
     obs = obs.copy()
     obs.index = obs.index.astype(str)
@@ -163,7 +163,7 @@ def write_rows(
     out.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "h5ad":
         adata = make_anndata(obs, X, obsm, uns)
-        _atomic_write(out, lambda p: adata.write_h5ad(p))
+        atomic_write(out, lambda p: adata.write_h5ad(p))
         return out
     table = obs.reset_index(drop=True)
     if "X_umap" in obsm:
@@ -172,9 +172,9 @@ def write_rows(
                        columns=[f"e{i}" for i in range(X.shape[1])])  # fmt: skip
     table = pd.concat([table, emb], axis=1)
     if fmt == "parquet":
-        _atomic_write(out, lambda p: table.to_parquet(p, index=False))
+        atomic_write(out, lambda p: table.to_parquet(p, index=False))
     else:
-        _atomic_write(out, lambda p: table.to_csv(p, index=False))
+        atomic_write(out, lambda p: table.to_csv(p, index=False))
     return out
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .errors import MaeprobeInputError
+from napari_maeprobe.errors import MaeprobeInputError
 
 STORE_FORMAT = 1
 ROW_CHUNK = 16384

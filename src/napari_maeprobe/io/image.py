@@ -12,7 +12,7 @@ from pathlib import Path
 import dask.array as da
 import numpy as np
 
-from .errors import MaeprobeInputError
+from napari_maeprobe.errors import MaeprobeInputError
 
 KNOWN_AXES = set("TCZYXS")
 SUPPORTED_LAYOUTS = "YX, CYX, YXC, ZYX, ZCYX, CZYX (a leading T or singleton axes are dropped)"

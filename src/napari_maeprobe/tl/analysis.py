@@ -17,8 +17,8 @@ import numpy as np
 import pandas as pd
 from scipy import sparse
 
-from .errors import MaeprobeInputError
-from .progress import ProgressCallback, report
+from napari_maeprobe.errors import MaeprobeInputError
+from napari_maeprobe.progress import ProgressCallback, report
 
 #: above this many rows the kNN graph uses pynndescent (approximate) instead of exact search
 EXACT_KNN_MAX = 20_000

@@ -13,7 +13,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from .errors import MaeprobeInputError
+from napari_maeprobe.errors import MaeprobeInputError
 
 MaskKind = Literal["none", "random", "boundary", "explicit"]
 

@@ -20,7 +20,7 @@ from urllib.parse import quote
 import numpy as np
 import pandas as pd
 
-from .workflows import _atomic_write
+from napari_maeprobe.io.files import atomic_write
 
 if TYPE_CHECKING:
     import anndata
@@ -150,7 +150,7 @@ def _new_figure(width: float, height: float, dpi: int = 100) -> Figure:
 
 def _save_png(fig: Figure, path: Path) -> None:
     """Write the figure as a PNG, atomically."""
-    _atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=fig.dpi))
+    atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=fig.dpi))
 
 
 def _marker_size(n: int) -> float:
@@ -578,7 +578,7 @@ def _facts_rows(
     used.update(version_keys)
     version = next((facts[k] for k in version_keys if facts.get(k) is not None), None)
     if version is None:
-        from . import __version__ as version
+        from napari_maeprobe import __version__ as version
     rows.append(("napari-maeprobe", _e(version)))
     for key, value in facts.items():
         if key not in used and value is not None:
@@ -715,7 +715,7 @@ same points in several colourings. Structure that follows <code>channel</code>,
 </html>
 """
     path = out_dir / "report.html"
-    _atomic_write(path, lambda p: p.write_text(page, encoding="utf-8"))
+    atomic_write(path, lambda p: p.write_text(page, encoding="utf-8"))
     return path
 
 

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import MaeprobeInputError
-from .image import MicroscopyImage
-from .reading import read_image
+from napari_maeprobe.errors import MaeprobeInputError
+from napari_maeprobe.io.image import MicroscopyImage
+from napari_maeprobe.io.reading import read_image
 
 
 def sample_data_dir() -> Path:

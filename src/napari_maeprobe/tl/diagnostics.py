@@ -17,10 +17,15 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from .analysis import _balanced_indices, _check_obs, _group_codes, check_embeddings
-from .analysis import nearest_neighbors as _nearest_neighbors
-from .errors import MaeprobeInputError
-from .progress import ProgressCallback, report
+from napari_maeprobe.errors import MaeprobeInputError
+from napari_maeprobe.progress import ProgressCallback, report
+from napari_maeprobe.tl.analysis import (
+    _balanced_indices,
+    _check_obs,
+    _group_codes,
+    check_embeddings,
+)
+from napari_maeprobe.tl.analysis import nearest_neighbors as _nearest_neighbors
 
 #: columns that are never candidates: clusterings, bookkeeping, coordinates of maps
 SKIP_COLUMNS = frozenset({"leiden", "kmeans", "level", "analysed", "crop_index", "row", "index"})

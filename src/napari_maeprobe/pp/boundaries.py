@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from .errors import MaeprobeInputError
+from napari_maeprobe.errors import MaeprobeInputError
 
 
 def boundary_map(labels: np.ndarray) -> np.ndarray:

@@ -20,15 +20,15 @@ import dask
 import dask.array as da
 import numpy as np
 
-from .channels import (
+from napari_maeprobe.errors import MaeprobeInputError
+from napari_maeprobe.io.channels import (
     CHANNEL_TOKEN,
     default_names,
     find_channel_table,
     names_from_table,
     order_files_by_table,
 )
-from .errors import MaeprobeInputError
-from .image import MicroscopyImage, guess_axes, to_canonical
+from napari_maeprobe.io.image import MicroscopyImage, guess_axes, to_canonical
 
 TIFF_EXTS = (".tif", ".tiff")
 PLANE_EXTS = (".png", ".jpg", ".jpeg")

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from .errors import MaeprobeInputError
-from .image import MicroscopyImage
+from napari_maeprobe.errors import MaeprobeInputError
+from napari_maeprobe.io.image import MicroscopyImage
 
 CHANNEL_TABLE_FILES = ("panel.csv", "channels.csv")
 #: columns of a channel table that hold a usable channel name, best first

@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from .analysis import check_embeddings, effective_rank
-from .errors import MaeprobeInputError
+from napari_maeprobe.errors import MaeprobeInputError
+from napari_maeprobe.tl.analysis import check_embeddings, effective_rank
 
 __all__ = ["attention_iou", "effective_rank", "linear_probe"]
 

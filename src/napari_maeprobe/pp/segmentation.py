@@ -15,9 +15,9 @@ from typing import Literal
 import numpy as np
 from scipy import ndimage
 
-from .errors import MaeprobeInputError, NoCellsFoundError, WeightsNotFoundError
-from .image import MicroscopyImage
-from .preprocessing import check_finite, normalize
+from napari_maeprobe.errors import MaeprobeInputError, NoCellsFoundError, WeightsNotFoundError
+from napari_maeprobe.io.image import MicroscopyImage
+from napari_maeprobe.pp.preprocessing import check_finite, normalize
 
 Method = Literal["auto", "cellpose", "builtin"]
 
@@ -93,7 +93,7 @@ def _channel_index(image: MicroscopyImage, channel: str | int | None) -> int | N
                 f"use one of {', '.join(image.channel_names)}",
             )
         return i
-    from .channels import resolve_channel_names
+    from napari_maeprobe.io.channels import resolve_channel_names
 
     return resolve_channel_names(image, [str(channel)])[0][0]
 

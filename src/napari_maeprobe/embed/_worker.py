@@ -2,7 +2,7 @@
 
 import sys
 
-from napari_maeprobe.inference import worker_main
+from napari_maeprobe.embed.engine import worker_main
 
 if __name__ == "__main__":
     worker_main(int(sys.argv[1]), int(sys.argv[2]))

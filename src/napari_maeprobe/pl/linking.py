@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .errors import MaeprobeInputError
+from napari_maeprobe.errors import MaeprobeInputError
 
 
 @dataclass
@@ -45,7 +45,7 @@ def available_levels(path: str | Path) -> list[str]:
 
         obs = ad.read_h5ad(path, backed="r").obs
         return [lvl for lvl in ("global", "channel", "patch") if (obs["level"] == lvl).any()]
-    from .store import EmbeddingStore
+    from napari_maeprobe.embed.store import EmbeddingStore
 
     return EmbeddingStore(path).levels()
 
@@ -55,9 +55,9 @@ def load_level(path: str | Path, level: str = "patch") -> ExplorerData:
     path = Path(path)
     if path.suffix == ".h5ad":
         return _from_h5ad(path, level)
-    from .diagnostics import DriversReport
-    from .export import level_table
-    from .store import EmbeddingStore
+    from napari_maeprobe.embed.store import EmbeddingStore
+    from napari_maeprobe.io.export import level_table
+    from napari_maeprobe.tl.diagnostics import DriversReport
 
     store = EmbeddingStore(path)
     obs, X, obsm, attrs = level_table(store, level)
@@ -94,7 +94,7 @@ def _coords(obsm: dict, n: int) -> dict[str, np.ndarray]:
 def _from_h5ad(path: Path, level: str) -> ExplorerData:
     import anndata as ad
 
-    from .diagnostics import DriversReport
+    from napari_maeprobe.tl.diagnostics import DriversReport
 
     adata = ad.read_h5ad(path)
     if "level" not in adata.obs:
@@ -196,7 +196,7 @@ def _paint_boxes_2d(out: np.ndarray, boxes: np.ndarray) -> None:
 
 def cell_outlines(labels: np.ndarray, cells: np.ndarray) -> np.ndarray:
     """Outlines (uint8) of the given cells of a label image."""
-    from .boundaries import boundary_map
+    from napari_maeprobe.pp.boundaries import boundary_map
 
     mask = np.where(np.isin(labels, cells), labels, 0)
     return (boundary_map(mask) & (mask > 0)).astype(np.uint8)

@@ -13,9 +13,9 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage
 
-from .boundaries import boundary_map, patch_fractions
-from .errors import MaeprobeInputError, NoCellsFoundError
-from .image import MicroscopyImage
+from napari_maeprobe.errors import MaeprobeInputError, NoCellsFoundError
+from napari_maeprobe.io.image import MicroscopyImage
+from napari_maeprobe.pp.boundaries import boundary_map, patch_fractions
 
 NormMethod = Literal["percentile", "zscore", "none"]
 ZMode = Literal["max", "slice", "keep"]

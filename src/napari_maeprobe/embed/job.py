@@ -1,0 +1,81 @@
+"""An embedding job: everything that decides a store's contents, checked before any work."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from napari_maeprobe.embed.engine import (
+    LEVELS,
+    EngineConfig,
+)
+from napari_maeprobe.errors import MaeprobeInputError
+
+
+@dataclass
+class EmbedJob:
+    """What to embed and how: everything that decides the store's contents."""
+
+    model: str = "default"
+    weights: str | None = None
+    model_options: dict = field(default_factory=dict)
+    channels: list[str] | None = None
+    levels: tuple[str, ...] = LEVELS
+    segmentation: str = "auto"  # auto | cellpose | builtin | none (tiles) | given (labels passed)
+    diameter: float | None = None
+    crop_size: int | tuple[int, ...] | None = None  # None: the model's input size
+    normalization: str = "percentile"
+    projection: str = "max"  # z-stacks with a 2D model: max | slice
+    masking: str = "none"
+    mask_ratio: float = 0.75
+    tau: float = 0.5
+    seed: int = 0
+    dtype: str = "float16"
+    attention: bool = False
+    reconstruction: bool = False
+    device: str = "auto"
+    precision: str = "auto"
+    batch_size: int | None = None
+    random_init: bool = False
+
+    def engine_config(self) -> EngineConfig:
+        return EngineConfig(
+            model=self.model, weights=self.weights, model_options=dict(self.model_options),
+            device=self.device, precision=self.precision, batch_size=self.batch_size,
+            levels=tuple(self.levels), attention=self.attention,
+            reconstruction=self.reconstruction, masking=self.masking,
+            mask_ratio=self.mask_ratio, tau=self.tau, seed=self.seed,
+            random_init=self.random_init,
+        )  # fmt: skip
+
+    def check(self) -> None:
+        """Refuse impossible settings before any work is done."""
+        bad = [lvl for lvl in self.levels if lvl not in LEVELS]
+        if bad or not self.levels:
+            raise MaeprobeInputError(
+                f"unknown level(s) {', '.join(bad) or '(none)'}",
+                "use --levels with some of global,channel,patch",
+            )
+        if self.masking not in ("none", "random", "boundary"):
+            raise MaeprobeInputError(
+                f"unknown masking {self.masking!r}", "use --masking none, random or boundary"
+            )
+        if not 0.0 <= self.mask_ratio < 1.0:
+            raise MaeprobeInputError(
+                f"mask ratio {self.mask_ratio} is outside [0, 1)", "pick e.g. --mask-ratio 0.75"
+            )
+        if self.tau <= 0:
+            raise MaeprobeInputError(f"tau {self.tau} must be positive", "pick e.g. --tau 0.5")
+        if self.dtype not in ("float16", "float32"):
+            raise MaeprobeInputError(
+                f"unknown store dtype {self.dtype!r}", "use --dtype float16 or float32"
+            )
+        if self.masking == "boundary" and self.segmentation == "none":
+            raise MaeprobeInputError(
+                "boundary-guided masking needs cell boundaries, but segmentation is off",
+                "segment the cells (drop --segmentation none) or use --masking random",
+            )
+        if self.reconstruction and self.masking == "none":
+            raise MaeprobeInputError(
+                "reconstructions need masked patches to reconstruct",
+                "add --masking random or --masking boundary",
+            )

@@ -1,0 +1,154 @@
+"""Run a job: plan it, open its store, embed every unfinished unit here (the engine's worker
+process) or on a dask cluster."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from napari_maeprobe.embed.engine import (
+    InferenceEngine,
+)
+from napari_maeprobe.embed.job import EmbedJob
+from napari_maeprobe.embed.labels import labels_for
+from napari_maeprobe.embed.plan import (
+    cells_per_unit,
+    crop_size_for,
+    describe_inputs,
+    job_facts,
+    job_signature,
+    plan_image,
+    plan_units,
+    prepare_image,
+)
+from napari_maeprobe.embed.run_dask import remote_model_info, run_distributed
+from napari_maeprobe.embed.store import EmbeddingStore
+from napari_maeprobe.embed.units import embed_unit
+from napari_maeprobe.errors import MaeprobeInputError
+from napari_maeprobe.io.image import MicroscopyImage
+from napari_maeprobe.pp.boundaries import boundary_map
+from napari_maeprobe.progress import ProgressCallback, report
+
+
+@dataclass
+class EmbedResult:
+    """What an embedding job did."""
+
+    store: EmbeddingStore
+    units_done: int
+    units_skipped: int
+    rows: dict[str, int]
+    seconds: float
+    facts: dict
+
+
+def run_embedding(
+    images: Sequence[MicroscopyImage],
+    out: str | Path,
+    job: EmbedJob,
+    labels: Sequence[np.ndarray | None] | None = None,
+    progress: ProgressCallback | None = None,
+    scheduler: str | None = None,
+    overwrite: bool = False,
+    engine: InferenceEngine | None = None,
+    per_unit: int | None = None,
+) -> EmbedResult:
+    """Embed every cell of ``images`` into the store at ``out`` (resuming a matching store).
+
+    ``labels``: one label image per image (None entries: segment or tile as ``job`` says).
+    ``scheduler``: a dask.distributed scheduler address (or ``"local"`` for a LocalCluster):
+    one task per unit, results gathered into the store here. ``per_unit``: cells per unit of
+    work (default: what keeps a unit's crops under :data:`UNIT_BYTES`).
+    """
+    t0 = time.perf_counter()
+    job.check()
+    if not images:
+        raise MaeprobeInputError("no images to embed", "pass at least one image file or folder")
+    names = [img.name for img in images]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise MaeprobeInputError(
+            f"several images are named {', '.join(dupes)}",
+            "give each image its own file name (names key the store's rows)",
+        )
+    given = list(labels) if labels is not None else [None] * len(images)
+    if len(given) != len(images):
+        raise MaeprobeInputError(
+            f"{len(given)} label images for {len(images)} images", "pass one label image per image"
+        )
+    own_engine = engine is None and scheduler is None
+    if own_engine:
+        engine = InferenceEngine(job.engine_config())
+    try:
+        info = engine.info if engine is not None else remote_model_info(scheduler, job)
+        model_3d = len(info.patch_size) == 3
+        images = [prepare_image(img, job, model_3d) for img in images]
+        crop_size = crop_size_for(job, info)
+        seg_kind = "given" if any(g is not None for g in given) else job.segmentation
+        n_c = max(img.n_channels for img in images)
+        per_unit = per_unit or cells_per_unit((n_c, *crop_size))
+        signature = job_signature(job, describe_inputs(images), info, seg_kind, per_unit)
+        store = EmbeddingStore.open_for_job(out, signature, overwrite=overwrite)
+        planned = []
+        for i, img in enumerate(images):
+            report(progress, i, len(images), "segmenting")
+            lab, method = labels_for(store, i, img, job, given[i])
+            planned.append(plan_image(img, job, lab))
+            planned[-1].metadata["segmentation"] = method
+        report(progress, len(images), len(images), "segmenting")
+        store.set_images([p.info() for p in planned])
+        n_patches = int(np.prod([s // q for s, q in zip(crop_size, info.patch_size)]))
+        rows_per_cell = {"global": 1, "channel": n_c if info.channel_agnostic else 0,
+                         "patch": n_patches * (n_c if info.channel_agnostic else 1)}  # fmt: skip
+        rows_per_cell = {k: v for k, v in rows_per_cell.items() if k in job.levels and v}
+        units = plan_units(planned, per_unit, rows_per_cell)
+        todo = [u for u in units if not store.unit_complete(u.key)]
+        facts = job_facts(job, info, crop_size)
+        store.set_facts(facts)
+        total = sum(len(u.cell_ids) for u in units)
+        done = total - sum(len(u.cell_ids) for u in todo)
+        if scheduler is None:
+            _run_local(store, planned, todo, engine, job, crop_size, progress, done, total)
+        else:
+            run_distributed(store, planned, todo, job, crop_size, scheduler, progress, done, total)
+    finally:
+        if own_engine and engine is not None:
+            engine.close()
+    rows = {lvl: store.n_rows(lvl) for lvl in store.levels()}
+    return EmbedResult(store, len(todo), len(units) - len(todo), rows,
+                       time.perf_counter() - t0, facts)  # fmt: skip
+
+
+def _run_local(store, planned, todo, engine, job, crop_size, progress, done, total) -> None:
+    boundaries: dict[int, np.ndarray] = {}
+    for unit in todo:
+        p = planned[unit.image_index]
+        if p.labels is not None and unit.image_index not in boundaries:
+            boundaries.clear()  # one image's boundary map at a time
+            boundaries[unit.image_index] = boundary_map(p.labels)
+        inner = _offset_progress(progress, done, total)
+        for kind, *payload in embed_unit(p, unit, engine, job, crop_size,
+                                         boundaries.get(unit.image_index), inner):  # fmt: skip
+            if kind == "begin":
+                obs, extras = payload
+                store.begin_unit(unit, obs, engine.info.embed_dim, job.dtype, extras)
+            else:
+                for name, start, values in payload[0]:
+                    store.write_rows(unit.key, name, start, values)
+        store.finish_unit(unit.key)
+        done += len(unit.cell_ids)
+        report(progress, done, total, "embedding")
+
+
+def _offset_progress(progress, done: int, total: int):
+    if progress is None:
+        return None
+
+    def inner(d: int, _t: int, desc: str):
+        return progress(done + d, total, desc)
+
+    return inner

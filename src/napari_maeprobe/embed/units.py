@@ -1,0 +1,157 @@
+"""One unit of work: its crops, its observation rows and the writes of each batch the engine
+returns."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+
+from napari_maeprobe.embed.engine import (
+    BatchResult,
+    InferenceEngine,
+    ModelInfo,
+)
+from napari_maeprobe.embed.job import EmbedJob
+from napari_maeprobe.embed.plan import PlannedImage
+from napari_maeprobe.embed.store import UnitSpec
+from napari_maeprobe.pp.boundaries import patch_fractions
+from napari_maeprobe.pp.preprocessing import (
+    CropSet,
+    apply_normalization,
+    cell_crops,
+    patch_table,
+    tile_image,
+)
+from napari_maeprobe.progress import ProgressCallback
+from napari_maeprobe.schema import conform
+
+
+def unit_crops(
+    p: PlannedImage,
+    unit: UnitSpec,
+    crop_size: tuple[int, ...],
+    boundary: np.ndarray | None,
+    normalization: str = "percentile",
+) -> CropSet:
+    """The normalised crops of one unit's cells (tiles without segmentation)."""
+    data = p.image.to_numpy()
+    img = p.image
+    if p.labels is None:
+        tiles = tile_image(data, crop_size, image_name=img.name, channel_names=img.channel_names)
+        sel = unit.cell_ids
+        crops = CropSet(
+            tiles.crops[sel], tiles.cell_masks[sel], None, tiles.cell_ids[sel],
+            tiles.origins[sel], tiles.centroids[sel], tiles.size, "tile", img.name,
+            tiles.channel_names,
+        )  # fmt: skip
+    else:
+        crops = cell_crops(data, p.labels, crop_size, img.name, img.channel_names,
+                           ids=unit.cell_ids, boundary=boundary)  # fmt: skip
+    crops.crops = apply_normalization(crops.crops, p.stats, normalization)
+    return crops
+
+
+def unit_obs(
+    p: PlannedImage, crops: CropSet, info: ModelInfo, levels: Sequence[str]
+) -> dict[str, pd.DataFrame]:
+    """The observation table of each level for one unit, in the store's cell-major row order."""
+    img = p.image
+    n, n_c = len(crops), img.n_channels
+    nd = len(crops.size)
+    cells = pd.DataFrame({
+        "dataset": img.dataset, "image": img.name, "cell_id": crops.cell_ids,
+        "centroid_y": crops.centroids[:, -2], "centroid_x": crops.centroids[:, -1],
+    })  # fmt: skip
+    if nd == 3:
+        cells["centroid_z"] = crops.centroids[:, 0]
+    out: dict[str, pd.DataFrame] = {}
+    if "global" in levels:
+        out["global"] = conform(cells, "global", p.metadata)
+    if "channel" in levels and info.channel_agnostic:
+        per_channel = cells.loc[cells.index.repeat(n_c)].reset_index(drop=True)
+        per_channel["channel"] = list(img.channel_names) * n
+        out["channel"] = conform(per_channel, "channel", p.metadata)
+    if "patch" in levels:
+        table = patch_table(crops, info.patch_size, per_channel=info.channel_agnostic,
+                            dataset=img.dataset)  # fmt: skip
+        n_p = len(table) // (n * (n_c if info.channel_agnostic else 1))
+        if info.channel_agnostic:  # patch_table runs channel-major: make it cell-major
+            order = np.arange(len(table)).reshape(n_c, n, n_p).transpose(1, 0, 2).ravel()
+            table = table.iloc[order].reset_index(drop=True)
+            ch_index = pd.Categorical(table["channel"], categories=list(img.channel_names)).codes
+            thr = p.thresholds[ch_index]
+        else:
+            thr = np.full(len(table), p.thresholds[-1])
+        table["foreground"] = table["patch_intensity"].to_numpy(np.float64) > thr
+        out["patch"] = conform(table, "patch", p.metadata)
+    return out
+
+
+def batch_rows(
+    res: BatchResult, unit: UnitSpec, info: ModelInfo, levels: Sequence[str]
+) -> list[tuple[str, int, np.ndarray]]:
+    """(array name, first row, values) writes of one batch into its unit."""
+    start = int(res.index[0]) - unit.first_index
+    n = len(res.index)
+    writes = []
+    if "global" in levels:
+        writes.append(("global/X", start, res.global_embedding))
+    if "channel" in levels and info.channel_agnostic and res.channel_embeddings is not None:
+        ch = res.channel_embeddings
+        writes.append(("channel/X", start * ch.shape[1], ch.reshape(-1, ch.shape[-1])))
+    if "patch" in levels:
+        pe = res.patch_embeddings.reshape(n, -1, res.patch_embeddings.shape[-1])
+        writes.append(("patch/X", start * pe.shape[1], pe.reshape(-1, pe.shape[-1])))
+    if res.attention is not None:
+        writes.append(("attention", start, res.attention))
+    if res.reconstruction is not None:
+        writes.append(("reconstruction", start, res.reconstruction))
+    if res.mask is not None:
+        writes.append(("mask", start, res.mask))
+    return writes
+
+
+def unit_extras(job: EmbedJob, info: ModelInfo, unit: UnitSpec, crop_shape, n_heads_grid):
+    n = len(unit.cell_ids)
+    nd = len(info.patch_size)
+    extras = {"origins": ((n, nd), "int64")}
+    grid = tuple(s // p for s, p in zip(crop_shape[1:], info.patch_size))
+    token_grid = ((crop_shape[0],) if info.channel_agnostic else ()) + grid
+    if job.attention:
+        extras["attention"] = ((n, n_heads_grid, *token_grid), "float16")
+    if job.reconstruction:
+        extras["reconstruction"] = ((n, *crop_shape), "float16")
+    if job.masking != "none":
+        extras["mask"] = ((n, *token_grid), "bool")
+    return extras
+
+
+def embed_unit(
+    p: PlannedImage,
+    unit: UnitSpec,
+    engine: InferenceEngine,
+    job: EmbedJob,
+    crop_size: tuple[int, ...],
+    boundary: np.ndarray | None = None,
+    progress: ProgressCallback | None = None,
+):
+    """Embed one unit: yields ``("begin", obs, extras)`` once, then the writes of each batch."""
+    info = engine.info
+    crops = unit_crops(p, unit, crop_size, boundary, job.normalization)
+    obs = unit_obs(p, crops, info, job.levels)
+    bfrac = None
+    if job.masking == "boundary":
+        bfrac = patch_fractions(crops.boundary, info.patch_size).astype(np.float32)
+    n_heads = None
+    writes_iter = engine.embed(crops.crops, bfrac, progress=progress,
+                               first_index=unit.first_index)  # fmt: skip
+    first = True
+    for res in writes_iter:
+        if first:
+            n_heads = res.attention.shape[1] if res.attention is not None else 0
+            yield ("begin", obs, unit_extras(job, info, unit, crops.crops.shape[1:], n_heads))
+            yield ("rows", [("origins", 0, crops.origins.astype(np.int64))])
+            first = False
+        yield ("rows", batch_rows(res, unit, info, job.levels))
