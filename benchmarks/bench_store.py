@@ -48,11 +48,13 @@ def _throughput(tmp: Path) -> list[tuple]:
     from napari_maeprobe.embed.store import EmbeddingStore, UnitSpec
     from napari_maeprobe.io.samples import load_sample
     from napari_maeprobe.pp.segmentation import segment
+    from napari_maeprobe.table import read_level
 
     image, _ = load_sample("examplehuman")
     labels = segment(image, "builtin").labels
     src = run_embedding([image], tmp / "src.zarr", EmbedJob(levels=("patch",)), [labels])
-    obs, X = src.store.read_level("patch")
+    table = read_level(src.store, "patch")
+    obs, X = table.obs.reset_index(drop=True), np.asarray(table.X)
     rows = []
     for dtype in ("float16", "float32"):
         store = EmbeddingStore.open_for_job(tmp / f"w_{dtype}.zarr", {"bench": dtype})
@@ -66,7 +68,7 @@ def _throughput(tmp: Path) -> list[tuple]:
         t_write = time.perf_counter() - t0
         size = sum(f.stat().st_size for f in (tmp / f"w_{dtype}.zarr").rglob("*") if f.is_file())
         t0 = time.perf_counter()
-        store.read_level("patch")
+        read_level(store, "patch")
         t_read = time.perf_counter() - t0
         rows.append((dtype, len(X), t_write, len(X) / t_write, X.nbytes / 2**20 / t_write,
                      size / 2**20, t_read))  # fmt: skip

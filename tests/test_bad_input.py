@@ -140,3 +140,106 @@ def test_segment_cli_writes_labels(sample_dir, out):
     boundary = tifffile.imread(out / "AS_09125_050116030001_D03f00_boundary.tif")
     assert set(np.unique(boundary)) == {0, 1}
     assert "cells (builtin, nucleus channel DNA)" in proc.stdout
+
+
+# --------------------------------------------------------------------------- stores and files
+
+
+def _snapshot(folder):
+    return sorted((str(p.relative_to(folder)), p.is_dir(), p.stat().st_size)
+                  for p in folder.rglob("*"))  # fmt: skip
+
+
+def _one_line(proc: subprocess.CompletedProcess, *needles: str) -> None:
+    assert_one_clear_line(proc, *needles)
+    assert proc.stderr.count("\n") == 1, proc.stderr
+
+
+@pytest.mark.parametrize("target", ["missing", "empty", "random"])
+@pytest.mark.parametrize("verb", ["analyze", "export", "evaluate"])
+def test_read_only_verbs_leave_a_path_that_is_not_a_store_alone(tmp_path, verb, target):
+    path = tmp_path / "typo.zarr"
+    if target != "missing":
+        path.mkdir()
+    if target == "random":
+        (path / "notes.txt").write_text("not a store")
+        (path / "sub").mkdir()
+    before = _snapshot(tmp_path)
+    extra = ["--format", "h5ad", "--out", str(tmp_path / "x.h5ad")] if verb == "export" else []
+    proc = run_cli(verb, str(path), *extra)
+    _one_line(proc, f"{path} is not an embedding store")
+    assert _snapshot(tmp_path) == before
+
+
+def test_a_store_with_a_broken_zarr_json_gets_one_line(tmp_path):
+    store = tmp_path / "broken.zarr"
+    (store / "units").mkdir(parents=True)
+    (store / "zarr.json").write_text('{"zarr_format": 3, "node_type": "gro')
+    for args in (["analyze"], ["evaluate"], ["export", "--format", "csv", "--out", "x.csv"]):
+        proc = run_cli(args[0], str(store), *args[1:])
+        _one_line(proc, "zarr.json is not valid JSON")
+
+
+def test_output_paths_that_cannot_be_written_get_one_line(tmp_path, sample_dir):
+    store = str(sample_dir / "embeddings" / "imc_default.zarr")
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    proc = run_cli("export", store, "--format", "csv", "--level", "global",
+                   "--out", str(a_file / "x.csv"))  # fmt: skip
+    _one_line(proc, f"{a_file} is a file, not a folder")
+    proc = run_cli("export", store, "--format", "csv", "--level", "global",
+                   "--out", str(tmp_path))  # fmt: skip
+    _one_line(proc, f"{tmp_path} is a folder")
+    proc = run_cli("evaluate", store, "--levels", "global", "--json", str(a_file / "e.json"))
+    _one_line(proc, f"{a_file} is a file, not a folder")
+    image = str(sample_dir / "imc_bodenmiller_5ch/img/20210305_NE_mockData2_001.tiff")
+    proc = run_cli("embed", image, "--out", str(a_file))
+    _one_line(proc, f"{a_file} is a file")
+    proc = run_cli("embed", image, "--out", str(a_file / "s.zarr"))
+    _one_line(proc, f"{a_file} is a file, not a folder")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
+
+
+@pytest.mark.parametrize(
+    "error, needle",
+    [
+        (PermissionError(13, "Permission denied", "/data/out.h5ad"), "no permission"),
+        (IsADirectoryError(21, "Is a directory", "/data/out"), "/data/out is a folder"),
+        (NotADirectoryError(20, "Not a directory", "/data/f/out.h5ad"), "is a file"),
+        (FileNotFoundError(2, "No such file or directory", "/data/gone"), "does not exist"),
+        (OSError(28, "No space left on device", "/data/out.h5ad"), "no space left"),
+    ],
+)
+def test_file_system_errors_are_one_line(monkeypatch, capsys, error, needle):
+    from napari_maeprobe import cli
+    from napari_maeprobe.io import export
+
+    def fail(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(export, "export_store", fail)
+    assert cli.main(["export", "s.zarr", "--format", "csv", "--out", "x.csv"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0] and "Fix:" in err[0], err
+    with pytest.raises(type(error)):
+        cli.main(["--debug", "export", "s.zarr", "--format", "csv", "--out", "x.csv"])
+
+
+def test_atomic_write_removes_temporaries_left_by_dead_processes(tmp_path):
+    import os
+
+    from napari_maeprobe.io.files import atomic_write, temporary_name
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    target = tmp_path / "out.h5ad"
+    stale = tmp_path / temporary_name(target, pid=dead.pid)
+    alive = tmp_path / temporary_name(target, pid=os.getppid())
+    other = tmp_path / temporary_name(tmp_path / "other.h5ad", pid=dead.pid)
+    for p in (stale, alive, other):
+        p.write_bytes(b"half")
+    atomic_write(target, lambda p: p.write_bytes(b"whole"))
+    assert target.read_bytes() == b"whole"
+    assert not stale.exists() and alive.exists() and other.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [target.name, alive.name, other.name])  # fmt: skip

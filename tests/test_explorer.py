@@ -3,6 +3,7 @@ pixels -> rows; loading a level from the store and from an exported .h5ad."""
 
 from __future__ import annotations
 
+import anndata as ad
 import numpy as np
 import pytest
 
@@ -34,8 +35,10 @@ def _data_3d():
                        image.channel_names)  # fmt: skip
     table = patch_table(crops, (10, 8, 8), per_channel=True, dataset=image.dataset)
     obs = conform(table, "patch")
-    coords = np.zeros((len(obs), 2), dtype=np.float32)
-    data = ExplorerData("patch", obs, {"UMAP": coords}, (10, 8, 8), (40, 64, 64), None)
+    obs.index = obs.index.astype(str)
+    adata = ad.AnnData(X=np.zeros((len(obs), 4), np.float32), obs=obs)
+    adata.obsm["X_umap"] = np.zeros((len(obs), 2), dtype=np.float32)
+    data = ExplorerData(adata, (10, 8, 8), (40, 64, 64))
     return data, labels, image
 
 

@@ -23,6 +23,7 @@ from vispy.util import keys  # noqa: E402
 from napari_maeprobe._napari import scatter as scatter_mod  # noqa: E402
 from napari_maeprobe._napari.scatter import LegendWidget, ScatterCanvas  # noqa: E402
 from napari_maeprobe.io.samples import load_sample  # noqa: E402
+from napari_maeprobe.pl import colors  # noqa: E402
 from napari_maeprobe.pp.preprocessing import cell_crops, normalize, patch_table  # noqa: E402
 from napari_maeprobe.pp.segmentation import segment  # noqa: E402
 
@@ -104,31 +105,33 @@ def test_colour_by_categorical_and_continuous_legends(canvas, real):
     xy, obs = real
     legend_widget = LegendWidget(canvas)
     canvas.colour_by("leiden")
-    tab10 = scatter_mod.categorical_palette(8)
+    tab10 = colors.categorical_palette(8)
     assert canvas.colour_kind == "categorical"
     assert [lab for lab, _ in canvas.legend()] == [str(i) for i in range(8)] + ["NA"]
     np.testing.assert_allclose([c for _, c in canvas.legend()[:8]], tab10)
-    assert canvas.legend()[-1][1] == scatter_mod.NA_RGBA
+    assert canvas.legend()[-1][1] == colors.NA_RGBA
     assert legend_widget.labels() == [str(i) for i in range(8)] + ["NA"]
     rgba = canvas.colours()
-    np.testing.assert_allclose(rgba[~np.isfinite(xy[:, 0])], [scatter_mod.NA_RGBA] * 444)
+    np.testing.assert_allclose(rgba[~np.isfinite(xy[:, 0])], [colors.NA_RGBA] * 444)
     row = int(np.flatnonzero(obs["leiden"] == "5")[0])
     np.testing.assert_allclose(rgba[row], tab10[5])
 
-    # integer with <= 32 values: categorical (tab20 for 12); with 40 values: continuous
+    # patch row is ordinal (the schema says so): stepped viridis, one step per row, the same
+    # colours as the report's; cell_id is an identifier, coloured as categories
     canvas.colour_by("patch_row")
     assert [lab for lab, _ in canvas.legend()] == [str(i) for i in range(12)]
-    assert canvas.colour_kind == "categorical"
+    assert canvas.colour_kind == "ordinal"
+    np.testing.assert_allclose([c for _, c in canvas.legend()], colors.ordinal_colors(12))
     canvas.colour_by("cell_id")
-    assert canvas.colour_kind == "continuous" and len(canvas.legend()) == 2
+    assert canvas.colour_kind == "categorical"
 
     canvas.colour_by("boundary_fraction")
     v = obs["boundary_fraction"].to_numpy(np.float64)
     lo, hi = np.percentile(v, [1, 99])
     (lab_lo, c_lo), (lab_hi, c_hi) = canvas.legend()
     assert (lab_lo, lab_hi) == (f"{lo:.3g}", f"{hi:.3g}")
-    np.testing.assert_allclose(c_lo, scatter_mod._viridis()[0])
-    np.testing.assert_allclose(c_hi, scatter_mod._viridis()[-1])
+    np.testing.assert_allclose(c_lo, colors.viridis_lut()[0])
+    np.testing.assert_allclose(c_hi, colors.viridis_lut()[-1])
     assert legend_widget.labels() == [lab_lo, lab_hi]
 
     # bool and strings are categorical; 40 string categories: distinct colours, "+10 more"
@@ -137,7 +140,7 @@ def test_colour_by_categorical_and_continuous_legends(canvas, real):
     canvas.colour_by("cell")
     cols = np.array([c for _, c in canvas.legend()])
     assert len(cols) == 40 and len(np.unique(cols.round(4), axis=0)) == 40
-    np.testing.assert_allclose(cols[:20], scatter_mod.categorical_palette(20))
+    np.testing.assert_allclose(cols[:20], colors.categorical_palette(20))
     assert legend_widget.labels()[-1] == "+10 more" and len(legend_widget.labels()) == 31
     canvas.colour_by(None)
     assert canvas.legend() == [] and legend_widget.labels() == []

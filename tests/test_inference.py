@@ -2,19 +2,27 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 
 import numpy as np
 import pytest
 
-from napari_maeprobe.embed.engine import EngineConfig, InferenceEngine, WorkerCrashedError
+from napari_maeprobe.embed.engine import (
+    EngineConfig,
+    InferenceEngine,
+    WorkerCrashedError,
+    WorkerTraceback,
+)
 from napari_maeprobe.errors import MaeprobeInputError
 from napari_maeprobe.io.samples import load_sample
 from napari_maeprobe.pp.preprocessing import cell_crops, normalize
-from napari_maeprobe.progress import Cancelled
+from napari_maeprobe.progress import Cancelled, Job
 
 TINY = dict(random_init=True, model="default")
 
@@ -129,3 +137,275 @@ def test_input_errors_are_not_swallowed_and_closed_engines_say_so(crops):
 def test_unusable_device_is_an_input_error():
     with pytest.raises(MaeprobeInputError, match="'cuda:7' was asked for but is not usable"):
         InferenceEngine(EngineConfig(**TINY, device="cuda:7"))
+
+
+# --------------------------------------------------------------------------- the job layer
+
+
+def test_engine_says_when_it_started_and_cancels_from_another_thread(crops):
+    started = []
+    eng = InferenceEngine(EngineConfig(**TINY, batch_size=1), on_started=started.append)
+    assert started == [eng] and eng.started.is_set() and eng.pid is not None
+    many = np.repeat(crops, 40, axis=0)  # ~1000 batches of one crop: minutes of work
+    got = []
+    clicked: list[float] = []
+
+    def cancel_later() -> None:
+        while len(got) < 3:
+            time.sleep(0.01)
+        clicked.append(time.perf_counter())
+        eng.cancel()
+        eng.cancel()  # twice, as impatient users do: harmless
+
+    threading.Thread(target=cancel_later, daemon=True).start()
+    with pytest.raises(Cancelled):
+        for res in eng.embed(many):
+            got.append(res)
+    latency = time.perf_counter() - clicked[0]
+    print(f"\n[cancel] engine idle {latency * 1000:.0f} ms after cancel() from another thread")
+    assert latency < 1.0
+    assert eng.pid is None and len(got) < len(many)
+    with pytest.raises(Cancelled):  # a cancelled engine stays cancelled
+        list(eng.embed(crops[:2]))
+
+
+def test_cancel_while_the_model_starts():
+    """The task's token hooks the engine's cancel once the worker exists (as EmbedTask does)."""
+    job = Job("embedding")
+    engines = []
+
+    def on_started(engine) -> None:
+        engines.append(engine)
+        job.token.on_cancel(engine.cancel)
+
+    threading.Timer(0.3, job.cancel).start()
+    t0 = time.perf_counter()
+    with pytest.raises(Cancelled):
+        InferenceEngine(EngineConfig(**TINY), on_started=on_started)
+    assert time.perf_counter() - t0 < 1.5  # cancel at 0.3 s, then idle within a second
+    assert engines and engines[0].pid is None  # the worker is gone
+
+
+def test_job_events_and_outcomes():
+    events = []
+    job = Job(
+        "demo",
+        on_started=lambda j: events.append(("started", j.label)),
+        on_progress=lambda d, t, s: events.append(("progress", d, t, s)),
+        on_finished=lambda o: events.append(("finished", o.status)),
+    )
+    assert job(1, 4, "embedding") is True  # a job is a progress callback
+    outcome = job.run(lambda: 42)
+    assert outcome.ok and outcome.value == 42 and job.finished and job.outcome is outcome
+    assert events == [("progress", 1, 4, "embedding"), ("started", "demo"), ("finished", "done")]
+
+    failed = Job().run(lambda: 1 / 0)
+    assert failed.failed and isinstance(failed.error, ZeroDivisionError)
+    bad = Job().run(lambda: (_ for _ in ()).throw(MaeprobeInputError("no cells", "segment")))
+    assert bad.failed and bad.error.fix == "segment"
+
+    stopping = Job()
+    hooked = []
+    stopping.token.on_cancel(lambda: hooked.append("engine.cancel"))
+
+    def work():
+        for i in range(10):
+            if not stopping(i, 10, "embedding"):  # what report() does: stop when False
+                raise Cancelled("cancelled during: embedding")
+            if i == 2:
+                threading.Thread(target=stopping.cancel).start()
+                stopping.token.wait(5)
+
+    out = stopping.run(work)
+    assert out.cancelled and hooked == ["engine.cancel"]
+    late = []
+    stopping.token.on_cancel(lambda: late.append(1))  # hooked after the cancel: runs at once
+    assert late == [1]
+    # an error after a cancel counts as cancelled (the worker was killed under the library)
+    j = Job()
+    j.cancel()
+    assert j.run(lambda: (_ for _ in ()).throw(OSError("pipe closed"))).cancelled
+
+
+# --------------------------------------------------------------------------- worker errors
+
+#: imported in the worker (EngineConfig.imports): makes the worker's runner raise what the test
+#: asks for, as a bug deep in torch or a model's input check would
+FAILING = """
+import os
+
+from napari_maeprobe.embed import engine
+from napari_maeprobe.errors import MaeprobeInputError
+
+
+class BlankCropsError(MaeprobeInputError):
+    pass
+
+
+def run(self, index, crops, boundary):
+    how = os.environ["MAEPROBE_TEST_FAIL"]
+    if how == "value":
+        raise ValueError("mat1 and mat2 shapes cannot be multiplied (8x144 and 96x144)")
+    if how == "input":
+        raise BlankCropsError("every crop is blank", "pick the channels with signal")
+    raise RuntimeError(how)
+
+
+engine._Runner.run = run
+"""
+
+
+@pytest.fixture
+def failing_worker(tmp_path, monkeypatch):
+    (tmp_path / "maeprobe_failing_worker.py").write_text(FAILING)
+    monkeypatch.setenv(
+        "PYTHONPATH", os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))  # the caller can rebuild the worker's error type
+
+    def start(how: str) -> InferenceEngine:
+        monkeypatch.setenv("MAEPROBE_TEST_FAIL", how)
+        return InferenceEngine(EngineConfig(**TINY, imports=("maeprobe_failing_worker",)))
+
+    return start
+
+
+def test_a_plain_value_error_in_the_worker_is_a_bug_not_bad_input(failing_worker, crops):
+    eng = failing_worker("value")
+    with pytest.raises(WorkerCrashedError) as info:
+        list(eng.embed(crops[:2]))
+    err = info.value
+    assert not isinstance(err, MaeprobeInputError)
+    msg = str(err)
+    assert "bug" in msg and "ValueError" in msg and "mat1 and mat2" in msg and "--debug" in msg
+    assert "\n" not in msg  # one line for the CLI
+    assert "Traceback" in err.worker_traceback and "in run" in err.worker_traceback
+    assert isinstance(err.__cause__, WorkerTraceback)  # what --debug prints under the error
+    assert eng.pid is None
+
+
+def test_bad_input_in_the_worker_arrives_as_the_same_error_with_its_fix(failing_worker, crops):
+    eng = failing_worker("input")
+    with pytest.raises(MaeprobeInputError) as info:
+        list(eng.embed(crops[:2]))
+    err = info.value
+    assert type(err).__name__ == "BlankCropsError"  # the same product error type
+    assert err.problem == "every crop is blank" and err.fix == "pick the channels with signal"
+    assert str(err) == "every crop is blank. Fix: pick the channels with signal."
+    assert "Traceback" in err.worker_traceback
+
+
+def test_product_errors_at_start_keep_their_type():
+    from napari_maeprobe.errors import WeightsNotFoundError
+
+    with pytest.raises(WeightsNotFoundError) as info:  # a subclass, by isinstance in the worker
+        InferenceEngine(EngineConfig(model="default", weights="/nonexistent/weights.safetensors"))
+    assert info.value.fix
+
+
+# --------------------------------------------------------------------------- quiet workers
+
+#: the caller of an engine: prints the worker's pid once started, then embeds without end
+PARENT = """
+import signal, sys
+import numpy as np
+from napari_maeprobe.embed.engine import EngineConfig, InferenceEngine
+
+if sys.argv[1] == "sigint":
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # only the worker reacts to this Ctrl-C
+eng = InferenceEngine(EngineConfig(model="default", random_init=True, batch_size=1))
+print(eng.pid, flush=True)
+
+
+def forever():
+    while True:
+        yield np.zeros((1, 3, 96, 96), np.float32)
+
+
+try:
+    for _ in eng.embed(forever()):
+        pass
+except Exception as exc:
+    print(type(exc).__name__, exc, flush=True)
+"""
+
+#: runs PARENT in its own process group as a child subreaper (so an orphaned worker becomes its
+#: child and its exit status can be read), stops it as asked, and reports as JSON
+DRIVER = """
+import ctypes, json, os, signal, subprocess, sys, time
+
+how, parent_code, err_path = sys.argv[1], sys.argv[2], sys.argv[3]
+ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+with open(err_path, "wb") as err:
+    parent = subprocess.Popen([sys.executable, "-c", parent_code, how], stdout=subprocess.PIPE,
+                              stderr=err, start_new_session=True)
+pid = int(parent.stdout.readline())
+time.sleep(1.0)  # the worker is busy embedding
+if how == "kill-parent":
+    parent.kill()
+else:  # Ctrl-C in a terminal: SIGINT to the whole process group
+    os.killpg(parent.pid, signal.SIGINT)
+t0 = time.monotonic()
+status = None
+while time.monotonic() - t0 < 20:
+    try:
+        done, code = os.waitpid(pid, os.WNOHANG)  # ours once orphaned
+    except ChildProcessError:  # still the parent's child (it reaps it)
+        if parent.poll() is not None and not os.path.exists(f"/proc/{pid}"):
+            break
+        time.sleep(0.05)
+        continue
+    if done:
+        status = os.waitstatus_to_exitcode(code)
+        break
+    time.sleep(0.05)
+seconds = time.monotonic() - t0
+try:
+    out = parent.communicate(timeout=20)[0].decode()
+except subprocess.TimeoutExpired:
+    parent.kill()
+    out = "parent hung"
+print(json.dumps({"status": status, "seconds": seconds, "parent_said": out}))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses prctl (Linux)")
+@pytest.mark.parametrize("how", ["kill-parent", "sigint"])
+def test_worker_whose_caller_is_gone_exits_quietly(how, tmp_path):
+    err = tmp_path / "stderr.txt"
+    run = subprocess.run(
+        [sys.executable, "-c", DRIVER, how, PARENT, str(err)],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert run.returncode == 0, run.stderr
+    report = json.loads(run.stdout.strip().splitlines()[-1])
+    stderr = err.read_text()
+    print(f"\n[{how}] worker gone after {report['seconds']:.2f} s: {report}")
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
+    assert report["seconds"] < 5
+    if how == "kill-parent":
+        from napari_maeprobe.embed.engine import EXIT_PARENT_GONE
+
+        assert report["status"] == EXIT_PARENT_GONE  # nonzero, and no output
+    else:  # the caller lives on and says it in one sentence
+        said = report["parent_said"].strip()
+        assert said.startswith("WorkerCrashedError") and "(interrupted)" in said
+        assert len(said.splitlines()) == 1
+
+
+def test_cli_says_a_worker_crash_in_one_line(monkeypatch, capsys):
+    from napari_maeprobe import cli
+
+    def crash(args):
+        raise WorkerCrashedError("the inference worker stopped while embedding (killed by SIGKILL)")
+
+    monkeypatch.setattr(cli, "cmd_models", crash)
+    assert cli.main(["models"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        "maeprobe models: error: the inference worker stopped while embedding (killed by SIGKILL)"
+    )
+    with pytest.raises(WorkerCrashedError):  # --debug: the traceback
+        cli.main(["--debug", "models"])

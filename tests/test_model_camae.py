@@ -1,6 +1,16 @@
-"""CA-MAE: OpenPhenom's checkpoint layout loads exactly, channel-order invariance, legacy bias."""
+"""CA-MAE: OpenPhenom's checkpoint layout against an independent forward, channel-order
+invariance, legacy bias.
+
+The reference for OpenPhenom is written here from the published architecture (model-facts §1.2:
+timm ViT with a channel-agnostic 1-channel patch embedding, the 2D sin-cos table repeated per
+channel and sliced to the tokens present, ParallelScalingBlock with qk-norm, LayerScale and
+timm < 1.0.25's bias routing, no final norm, the mean of the patch tokens; Normalizer + instance
+norm on the input), reading only OpenPhenom's key names: it shares no code with the package.
+"""
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import pytest
@@ -9,13 +19,13 @@ import torch.nn.functional as F
 
 from napari_maeprobe.errors import MaeprobeInputError
 from napari_maeprobe.io.samples import load_sample
-from napari_maeprobe.models.camae import CAMAE
+from napari_maeprobe.models.camae import CAMAE, CAMAEConfig, checkpoint_filter
 from napari_maeprobe.models.layers import ParallelScalingBlock
 from napari_maeprobe.models.registry import create_model
 from napari_maeprobe.pp.masking import make_mask
 from napari_maeprobe.pp.preprocessing import normalize
 
-TINY = dict(img_size=64, patch_size=16, embed_dim=48, depth=2, num_heads=3, max_channels=11)
+TINY = dict(input_size=64, patch_size=16, embed_dim=48, depth=2, num_heads=3, max_channels=11)
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +48,7 @@ def _tiny_openphenom(seed: int = 0) -> CAMAE:
 
 
 def _openphenom_state(model: CAMAE) -> dict:
-    """The state dict as OpenPhenom stores it, decoder keys included (ignored by our loader)."""
+    """Our model's state dict as OpenPhenom stores it, decoder keys included (dropped)."""
     state = {k: v for k, v in model.state_dict().items() if k.startswith("encoder.")}
     state["decoder.pos_embeddings"] = torch.zeros(1, 1 + 6 * 16, 32)
     state["decoder_pred.weight"] = torch.zeros(256, 32)
@@ -68,10 +78,131 @@ def test_key_names_match_openphenom():
     assert _tiny_openphenom().backbone.pos_embed.shape == (1, 1 + 11 * 16, 48)
 
 
+# ------------------------------------------------------------------------------------------------
+# an independent OpenPhenom: its state dict and its forward, from the published architecture
+
+P = "encoder.vit_backbone."
+REF = dict(dim=48, heads=3, depth=2, patch=16, side=4, channels=11, hidden=192)
+
+
+def _published_sincos(dim: int, side: int, channels: int) -> torch.Tensor:
+    """[1, 1 + channels * side**2, dim]: a zero CLS row, then the 2D sin-cos table
+    [sin h | cos h | sin w | cos w] (dim/4 each, omega_k = 1 / 10000**(k / (dim/4))),
+    repeated for every channel."""
+    q = dim // 4
+    omega = 1.0 / 10000 ** (np.arange(q, dtype=np.float64) / q)
+    rows = []
+    for h in range(side):
+        for w in range(side):
+            rows.append(np.concatenate(
+                [np.sin(h * omega), np.cos(h * omega), np.sin(w * omega), np.cos(w * omega)]
+            ))  # fmt: skip
+    table = np.tile(np.stack(rows), (channels, 1))
+    return torch.from_numpy(np.concatenate([np.zeros((1, dim)), table]))[None].float()
+
+
+def _openphenom_like_state(seed: int = 0) -> dict:
+    """A state dict with OpenPhenom's key names and shapes (ViT-S/16 layout at toy size), random
+    weights with non-trivial LayerScale and mlp_bias, plus decoder keys our loader drops."""
+    g = torch.Generator().manual_seed(seed)
+    d, hidden, patch, hd = REF["dim"], REF["hidden"], REF["patch"], REF["dim"] // REF["heads"]
+
+    def rnd(*shape, scale=0.1, mean=0.0):
+        return mean + scale * torch.randn(*shape, generator=g)
+
+    sd = {
+        P + "cls_token": rnd(1, 1, d, scale=0.02),
+        P + "pos_embed": _published_sincos(d, REF["side"], REF["channels"]),
+        P + "patch_embed.proj.weight": rnd(d, 1, patch, patch, scale=0.05),
+        P + "patch_embed.proj.bias": rnd(d, scale=0.02),
+        P + "fc_norm.weight": torch.ones(d),
+        P + "fc_norm.bias": torch.zeros(d),
+        "encoder_decoder_proj.weight": rnd(32, d),
+        "decoder.pos_embeddings": torch.zeros(1, 1 + 6 * 16, 32),
+        "decoder_pred.weight": rnd(256, 32),
+    }
+    for i in range(REF["depth"]):
+        b = f"{P}blocks.{i}."
+        sd.update({
+            b + "in_norm.weight": rnd(d, mean=1.0), b + "in_norm.bias": rnd(d),
+            b + "in_proj.weight": rnd(hidden + 3 * d, d, scale=0.15),
+            b + "mlp_bias": rnd(hidden, scale=0.5),
+            b + "q_norm.weight": rnd(hd, mean=1.0), b + "q_norm.bias": rnd(hd),
+            b + "k_norm.weight": rnd(hd, mean=1.0), b + "k_norm.bias": rnd(hd),
+            b + "attn_out_proj.weight": rnd(d, d, scale=0.15), b + "attn_out_proj.bias": rnd(d),
+            b + "mlp_out_proj.weight": rnd(d, hidden, scale=0.1), b + "mlp_out_proj.bias": rnd(d),
+            b + "ls.gamma": rnd(d, scale=0.1, mean=0.5),
+        })  # fmt: skip
+    return sd
+
+
+def _published_forward(sd: dict, pixels: torch.Tensor) -> dict:
+    """OpenPhenom's encoder on uint8-scale pixels (B, C, H, W), read from the state dict.
+
+    Normalizer (/255) and InstanceNorm2d (no affine, eps 1e-5); the 1-channel patch conv on each
+    channel, stacked channel-major; CLS prepended and pos_embed[:, :tokens] added; blocks as
+    timm's ParallelScalingBlock (LayerNorm eps 1e-6, in_proj output [mlp | q | k | v], bias
+    cat(zeros(3 dim), mlp_bias) added over it, q/k LayerNorm per head, softmax attention, exact
+    GELU, ls.gamma on the sum); norm = Identity; the predict() poolings."""
+    d, heads, hidden = REF["dim"], REF["heads"], REF["hidden"]
+    hd = d // heads
+    b, c = pixels.shape[:2]
+    x = F.instance_norm(pixels.double() / 255.0, eps=1e-5)
+    w = sd[P + "patch_embed.proj.weight"].double()
+    bias = sd[P + "patch_embed.proj.bias"].double()
+    per_channel = [F.conv2d(x[:, i : i + 1], w, bias, stride=w.shape[-1]) for i in range(c)]
+    tokens = torch.stack(per_channel, dim=2).flatten(2).transpose(1, 2)  # (B, C*L, D)
+    cls = sd[P + "cls_token"].double().expand(b, -1, -1)
+    x = torch.cat([cls, tokens], dim=1)
+    x = x + sd[P + "pos_embed"].double()[:, : x.shape[1]]
+    n = x.shape[1]
+    for i in range(REF["depth"]):
+        k = {name: t.double() for name, t in sd.items() if name.startswith(f"{P}blocks.{i}.")}
+        g = f"{P}blocks.{i}."
+        y = F.layer_norm(x, (d,), k[g + "in_norm.weight"], k[g + "in_norm.bias"], 1e-6)
+        y = y @ k[g + "in_proj.weight"].T + torch.cat([torch.zeros(3 * d), k[g + "mlp_bias"]])
+        x_mlp, q, kk, v = y.split([hidden, d, d, d], dim=-1)
+
+        def split_heads(t):
+            return t.reshape(b, n, heads, hd).transpose(1, 2)
+
+        q = F.layer_norm(split_heads(q), (hd,), k[g + "q_norm.weight"], k[g + "q_norm.bias"], 1e-6)
+        kk = F.layer_norm(
+            split_heads(kk), (hd,), k[g + "k_norm.weight"], k[g + "k_norm.bias"], 1e-6
+        )
+        att = torch.softmax(q @ kk.transpose(-1, -2) / math.sqrt(hd), dim=-1) @ split_heads(v)
+        x_attn = att.transpose(1, 2).reshape(b, n, d) @ k[g + "attn_out_proj.weight"].T
+        x_attn = x_attn + k[g + "attn_out_proj.bias"]
+        gelu = 0.5 * x_mlp * (1 + torch.erf(x_mlp / math.sqrt(2.0)))
+        x_mlp = gelu @ k[g + "mlp_out_proj.weight"].T + k[g + "mlp_out_proj.bias"]
+        x = x + k[g + "ls.gamma"] * (x_attn + x_mlp)
+    patches = x[:, 1:]
+    return {
+        "global": patches.mean(dim=1),  # predict(): X[:, 1:].mean(1)
+        "channels": patches.reshape(b, c, -1, d).mean(dim=2),  # return_channelwise_embeddings
+        "tokens": patches.reshape(b, c, REF["side"], REF["side"], d),
+    }
+
+
+def test_checkpoint_filter_maps_openphenom_to_a_strict_load():
+    state = _openphenom_like_state()
+    cfg, sd = checkpoint_filter(state, {})
+    assert cfg == CAMAEConfig(
+        input_size=64, patch_size=16, embed_dim=48, depth=2, num_heads=3, mlp_ratio=4.0,
+        max_channels=11, block="parallel", init_values=1e-4, legacy_bias=True, decoder_depth=0,
+    )  # fmt: skip
+    assert not any(k.startswith(("decoder", "encoder_decoder")) for k in sd)  # theirs, dropped
+    model = CAMAE(cfg)
+    model.load_state_dict(sd, strict=True)
+    cfg1, sd1 = checkpoint_filter(state, {}, depth=1)  # the first block only
+    CAMAE(cfg1).load_state_dict(sd1, strict=True)
+    with pytest.raises(MaeprobeInputError, match="embed_dim=64 does not match"):
+        checkpoint_filter(state, {}, embed_dim=64)
+
+
 @pytest.mark.parametrize("fmt", ["safetensors", "torch_state_dict"])
-def test_openphenom_checkpoint_loads_exactly(tmp_path, crops, fmt):
-    ref = _tiny_openphenom()
-    state = _openphenom_state(ref)
+def test_openphenom_layout_matches_an_independent_forward(tmp_path, crops, fmt):
+    state = _openphenom_like_state()
     path = tmp_path / "model.safetensors"  # OpenPhenom's file name, whatever its real format
     if fmt == "safetensors":
         from safetensors.torch import save_file
@@ -79,13 +210,21 @@ def test_openphenom_checkpoint_loads_exactly(tmp_path, crops, fmt):
         save_file({k: v.contiguous() for k, v in state.items()}, str(path))
     else:
         torch.save({"state_dict": state}, path)  # the repo's save_pretrained writes this
-    model = create_model("ca-mae", weights=path, img_size=64)
+    model = create_model("ca-mae", weights=path)  # crop size read from the sin-cos table
+    assert model.input_size == (64, 64) and model.backbone.blocks[0].legacy_bias
     assert model.weights_sha256 and len(model.weights_sha256) == 64
+    ref = _published_forward(state, crops.double() * 255.0)
     with torch.no_grad():
-        a, b = ref(crops), model(crops)
-    torch.testing.assert_close(a.global_embedding, b.global_embedding, rtol=0, atol=1e-6)
-    torch.testing.assert_close(a.patch_embeddings, b.patch_embeddings, rtol=0, atol=1e-6)
-    assert model.backbone.blocks[0].legacy_bias
+        out = model(crops)
+    torch.testing.assert_close(out.global_embedding.double(), ref["global"], atol=2e-5, rtol=0)
+    torch.testing.assert_close(out.channel_embeddings.double(), ref["channels"], atol=2e-5, rtol=0)
+    torch.testing.assert_close(out.patch_embeddings.double(), ref["tokens"], atol=2e-5, rtol=0)
+    assert ref["global"].abs().max() > 0.1  # a non-trivial embedding
+    # the reference does depend on the legacy bias routing (non-zero mlp_bias)
+    fixed = create_model("ca-mae", weights=path, legacy_bias=False)
+    with torch.no_grad():
+        moved = (fixed(crops).global_embedding.double() - ref["global"]).abs().max()
+    assert moved > 1e-3
 
 
 def test_golden_outputs(crops):
@@ -123,9 +262,9 @@ def test_any_channel_count_from_1_to_11(crops):
         x = crops[:, [i % 6 for i in range(c)]]
         with torch.no_grad():
             assert model(x).channel_embeddings.shape == (2, c, 48)
-    with pytest.raises(ValueError, match="1 to 11 channels"):
+    with pytest.raises(MaeprobeInputError, match="1 to 11 channels.*--channels"):
         model(crops[:, [0] * 12])
-    with pytest.raises(ValueError, match="64x64 crops"):
+    with pytest.raises(MaeprobeInputError, match="64x64 crops.*--crop-size 64"):
         model(crops[:, :, :32, :32])
 
 
@@ -203,7 +342,7 @@ def test_wrong_weights_get_a_clear_message(tmp_path):
         {"encoder.vit_backbone.patch_embed.proj.weight": torch.zeros(8, 1, 16, 16)}, str(path)
     )
     with pytest.raises(MaeprobeInputError, match="does not fit model 'ca-mae'"):
-        create_model("ca-mae", weights=path, img_size=64)
+        create_model("ca-mae", weights=path, input_size=64)
     bad = tmp_path / "truncated.safetensors"
     good = tmp_path / "good.safetensors"
     save_file(
@@ -211,8 +350,8 @@ def test_wrong_weights_get_a_clear_message(tmp_path):
     )
     bad.write_bytes(good.read_bytes()[:5000])
     with pytest.raises(MaeprobeInputError, match="cannot be read as model weights"):
-        create_model("ca-mae", weights=bad, img_size=64)
+        create_model("ca-mae", weights=bad, input_size=64)
     pickle = tmp_path / "evil.bin"
     pickle.write_bytes(b"\x80\x04\x95 not a state dict")
     with pytest.raises(MaeprobeInputError, match="neither a safetensors file nor a torch zip"):
-        create_model("ca-mae", weights=pickle, img_size=64)
+        create_model("ca-mae", weights=pickle, input_size=64)

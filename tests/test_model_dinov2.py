@@ -15,9 +15,10 @@ transformers = pytest.importorskip("transformers")
 
 from safetensors.torch import load_file, save_file  # noqa: E402
 
+from napari_maeprobe.errors import MaeprobeInputError  # noqa: E402
 from napari_maeprobe.io.samples import load_sample  # noqa: E402
 from napari_maeprobe.models import builtin  # noqa: E402, F401  (registers the package's models)
-from napari_maeprobe.models.dinov2 import DINOv2, build_dinov2  # noqa: E402
+from napari_maeprobe.models.dinov2 import DINOv2, DINOv2Config, checkpoint_filter  # noqa: E402
 from napari_maeprobe.models.registry import create_model, get_spec  # noqa: E402
 from napari_maeprobe.pp.preprocessing import normalize  # noqa: E402
 
@@ -54,7 +55,7 @@ def hf_model(tmp_path_factory):
 
 
 def _load(path, **kw) -> DINOv2:
-    return create_model("dinov2", weights=path, heads=HEADS, **kw)
+    return create_model("dinov2", weights=path, num_heads=HEADS, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -85,6 +86,22 @@ def _mask(shape, ratio=0.5, seed=3) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------------------
 # checkpoint formats
+
+
+def test_checkpoint_filter_maps_hugging_face_to_a_strict_load(hf_model):
+    """The Hugging Face Dinov2Model layout -> our config and keys, loaded strictly."""
+    state = load_file(str(hf_model[1] / "model.safetensors"))
+    cfg, sd = checkpoint_filter(state, {}, num_heads=HEADS)
+    assert cfg == DINOv2Config(
+        input_size=224, patch_size=14, embed_dim=DIM, depth=2, num_heads=HEADS, mlp_ratio=3.0,
+        pos_embed_size=98, init_values=1.0,
+    )  # fmt: skip
+    DINOv2(cfg).load_state_dict(sd, strict=True)
+    cfg1, sd1 = checkpoint_filter(state, {}, num_heads=HEADS, depth=1, pool="mean")
+    assert cfg1.depth == 1 and cfg1.pool == "mean"
+    DINOv2(cfg1).load_state_dict(sd1, strict=True)
+    with pytest.raises(MaeprobeInputError, match="pos_embed_size=518 does not match"):
+        checkpoint_filter(state, {}, pos_embed_size=518)
 
 
 def test_config_inferred_from_checkpoint(ours):
@@ -153,8 +170,6 @@ def test_other_layouts_load(hf_model, ours, crops, tmp_path):
 
 
 def test_unsupported_checkpoints(hf_model, tmp_path):
-    from napari_maeprobe.errors import MaeprobeInputError
-
     state = load_file(str(hf_model[1] / "model.safetensors"))
     state["embeddings.register_tokens"] = torch.zeros(1, 4, DIM)
     save_file(state, str(tmp_path / "reg.safetensors"))
@@ -277,15 +292,15 @@ def test_registry_and_base_architecture():
     assert spec.embed_dim == 768 and not spec.has_decoder and spec.licence == "Apache-2.0"
     assert spec.hub == ("facebook/dinov2-base", "model.safetensors")
     with torch.device("meta"):  # the architecture only
-        m = build_dinov2(None, {})
+        m = DINOv2(DINOv2Config())
     assert m.embed_dim == 768 and len(m.blocks) == 12 and m.blocks[0].attn.num_heads == 12
     assert m.blocks[0].mlp.fc1.out_features == 3072 and m.pos_embed.shape == (1, 1370, 768)
     assert m.blocks[0].ls1.gamma.shape == (768,) and m.patch_size == (14, 14)
     assert 86e6 < sum(p.numel() for p in m.parameters()) < 87e6  # ViT-B/14 (~86.6M)
-    with pytest.raises(ValueError, match="unknown DINOv2 options"):
-        build_dinov2(None, {}, widht=3)
-    with pytest.raises(ValueError, match="pool"):
-        build_dinov2(None, {}, hidden_size=32, depth=1, heads=4, pool="max")
+    with pytest.raises(MaeprobeInputError, match="no option 'widht'.*embed_dim"):
+        create_model("dinov2", random_init=True, widht=3)
+    with pytest.raises(MaeprobeInputError, match="pool='max'.*use pool= one of"):
+        create_model("dinov2", random_init=True, embed_dim=32, depth=1, num_heads=4, pool="max")
 
 
 def _deterministic(model: torch.nn.Module) -> None:
@@ -301,8 +316,8 @@ def _deterministic(model: torch.nn.Module) -> None:
 
 
 def test_golden_numbers(crops):
-    m = create_model("dinov2", random_init=True, hidden_size=DIM, depth=2, heads=HEADS,
-                     mlp_dim=64, pos_grid=5)  # fmt: skip
+    m = create_model("dinov2", random_init=True, embed_dim=DIM, depth=2, num_heads=HEADS,
+                     mlp_ratio=2.0, pos_embed_size=70)  # fmt: skip
     _deterministic(m)
     mask = _mask((2, 6, 16, 16), ratio=0.3)
     out = m(crops, mask, attention=True)

@@ -22,12 +22,14 @@ from napari_maeprobe.errors import MaeprobeInputError
 from napari_maeprobe.io.samples import load_sample
 from napari_maeprobe.models.mae3d import (
     MAE3D,
+    checkpoint_filter,
     fft3d_loss,
     grid_from_sincos,
     mae3d_sincos,
     nonzero_zscore,
 )
-from napari_maeprobe.models.registry import create_model, get_spec
+from napari_maeprobe.models.registry import config_to_dict, create_model, get_spec
+from napari_maeprobe.models.weights import load_state_dict
 from napari_maeprobe.pp.masking import make_mask
 from napari_maeprobe.pp.preprocessing import normalize
 
@@ -66,7 +68,7 @@ def tiny(cross: bool = True, chans: int = 2, seed: int = 0, **kw) -> MAE3D:
     torch.manual_seed(seed)
     cfg = dict(
         in_chans=chans, patch_size=PATCH, input_size=CROP, embed_dim=48, depth=2, num_heads=2,
-        decoder_dim=24, decoder_depth=2, decoder_heads=2, cross_attention=cross,
+        decoder_embed_dim=24, decoder_depth=2, decoder_num_heads=2, cross_attention=cross,
     )  # fmt: skip
     cfg.update(kw)
     return MAE3D(**cfg).eval()
@@ -250,8 +252,8 @@ def test_three_and_one_channels(spots, nuclei):
     assert out.attention.shape == (2, 2, 3, 3, 8, 8)
     # one channel, the default 10x8x8 patch, cross-attention off
     torch.manual_seed(0)
-    model1 = MAE3D(in_chans=1, embed_dim=48, depth=2, num_heads=2, decoder_dim=24,
-                   decoder_depth=1, decoder_heads=2, cross_attention=False).eval()  # fmt: skip
+    model1 = MAE3D(in_chans=1, embed_dim=48, depth=2, num_heads=2, decoder_embed_dim=24,
+                   decoder_depth=1, decoder_num_heads=2, cross_attention=False).eval()  # fmt: skip
     mask = spatial_mask(model1, nuclei, ratio=0.5)
     assert mask.shape == (1, 2, 8, 8)
     with torch.no_grad():
@@ -317,7 +319,7 @@ def save_checkpoint(model: MAE3D, path, drop: str | None = None, extra: str | No
 def test_checkpoint_round_trip(spots, tmp_path):
     model = tiny()
     path = save_checkpoint(model, tmp_path / "checkpoint_0003.pth.tar")
-    loaded = create_model("mae3d", weights=path, patch_size=PATCH, num_heads=2, decoder_heads=2)
+    loaded = create_model("mae3d", weights=path, patch_size=PATCH, num_heads=2, decoder_num_heads=2)
     assert loaded.weights_name == "checkpoint_0003.pth.tar"
     assert loaded.input_size == CROP and loaded.cross_attention and loaded.in_chans == 2
     mask = spatial_mask(model, spots)
@@ -338,8 +340,8 @@ def test_checkpoint_round_trip(spots, tmp_path):
 def test_checkpoint_default_patch_without_cross_attention(nuclei, tmp_path):
     torch.manual_seed(1)
     model = MAE3D(
-        in_chans=1, input_size=(20, 64, 64), embed_dim=36, depth=1, num_heads=6, decoder_dim=18,
-        decoder_depth=1, decoder_heads=6, cross_attention=False,
+        in_chans=1, input_size=(20, 64, 64), embed_dim=36, depth=1, num_heads=6,
+        decoder_embed_dim=18, decoder_depth=1, decoder_num_heads=6, cross_attention=False,
     ).eval()  # fmt: skip
     path = save_checkpoint(model, tmp_path / "checkpoint_0001.pth.tar")
     loaded = create_model("mae3d", weights=path)  # default patch and heads fit: no options
@@ -357,10 +359,32 @@ def test_own_safetensors_with_config_metadata(spots, tmp_path):
     model = tiny(cross=False, seed=2)
     path = tmp_path / "mine.safetensors"
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(path), metadata={"maeprobe_config": json.dumps(model.config)})
+    config = json.dumps(config_to_dict(model.config))
+    save_file(state, str(path), metadata={"maeprobe_config": config})
     loaded = create_model("mae3d", weights=path)  # architecture from the metadata
+    assert loaded.config == model.config
     with torch.no_grad():
         assert torch.equal(model(spots).global_embedding, loaded(spots).global_embedding)
+    # files written before the options were renamed (decoder_dim, decoder_heads) still load
+    old = config.replace("decoder_embed_dim", "decoder_dim").replace("_num_heads", "_heads")
+    save_file(state, str(path), metadata={"maeprobe_config": old})
+    assert create_model("mae3d", weights=path).config == model.config
+
+
+def test_checkpoint_filter_maps_mae3d_opencell_to_a_strict_load(tmp_path):
+    """The repo's ``{'epoch', 'state_dict': {'module.' + key}}`` layout -> config and keys."""
+    model = tiny()
+    path = save_checkpoint(model, tmp_path / "checkpoint_0002.pth.tar")
+    state = load_state_dict(path)
+    assert all(k.startswith("module.") for k in torch.load(path)["state_dict"])
+    cfg, sd = checkpoint_filter(state, {}, patch_size=PATCH, num_heads=2, decoder_num_heads=2)
+    assert cfg == model.config
+    MAE3D(cfg).load_state_dict(sd, strict=True)
+    cfg1, sd1 = checkpoint_filter(state, {}, patch_size=PATCH, num_heads=2, depth=1)
+    assert cfg1.depth == 1 and cfg1.decoder_depth == 0
+    MAE3D(cfg1).load_state_dict(sd1, strict=True)
+    with pytest.raises(MaeprobeInputError, match="in_chans=3 does not match the weights"):
+        checkpoint_filter(state, {}, patch_size=PATCH, in_chans=3)
 
 
 @pytest.mark.parametrize(
@@ -370,7 +394,7 @@ def test_own_safetensors_with_config_metadata(spots, tmp_path):
 def test_checkpoint_with_wrong_keys_fails(tmp_path, drop, extra):
     path = save_checkpoint(tiny(), tmp_path / "checkpoint_0007.pth.tar", drop, extra)
     with pytest.raises(MaeprobeInputError) as err:
-        create_model("mae3d", weights=path, patch_size=PATCH, num_heads=2, decoder_heads=2)
+        create_model("mae3d", weights=path, patch_size=PATCH, num_heads=2, decoder_num_heads=2)
     text = str(err.value)
     assert "checkpoint_0007.pth.tar" in text and (drop or extra) in text
 
@@ -385,8 +409,8 @@ def test_registry_spec():
     spec = get_spec("mae3d")
     assert spec.has_decoder and spec.embed_dim == 384
     model = create_model(
-        "mae3d", random_init=True, embed_dim=48, depth=1, num_heads=2, decoder_dim=24,
-        decoder_depth=1, decoder_heads=2,
+        "mae3d", random_init=True, embed_dim=48, depth=1, num_heads=2, decoder_embed_dim=24,
+        decoder_depth=1, decoder_num_heads=2,
     )  # fmt: skip
     assert model.patch_size == (10, 8, 8) and model.input_size == (100, 176, 176)
     assert model.grid == (10, 22, 22) and model.cross_attention and model.in_chans == 2

@@ -16,14 +16,16 @@ transformers = pytest.importorskip("transformers")
 
 from safetensors.torch import load_file, save_file  # noqa: E402
 
+from napari_maeprobe.errors import MaeprobeInputError  # noqa: E402
 from napari_maeprobe.io.samples import load_sample  # noqa: E402
 from napari_maeprobe.models import builtin  # noqa: E402, F401  (registers the package's models)
 from napari_maeprobe.models.base import ModelOutput  # noqa: E402
 from napari_maeprobe.models.registry import create_model, get_spec  # noqa: E402
 from napari_maeprobe.models.vitmae import (  # noqa: E402
     ViTMAE,
+    ViTMAEConfig,
     adapt_pred_rows,
-    build_vitmae,
+    checkpoint_filter,
     mae_sincos_2d,
 )
 from napari_maeprobe.pp.preprocessing import normalize  # noqa: E402
@@ -80,7 +82,7 @@ def hf_model(tmp_path_factory):
 
 
 def _load(path, **kw) -> ViTMAE:
-    return create_model("vit-mae", weights=path, heads=HEADS, decoder_heads=DEC_HEADS, **kw)
+    return create_model("vit-mae", weights=path, num_heads=HEADS, decoder_num_heads=DEC_HEADS, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -123,6 +125,23 @@ def test_transformers5_writes_decoder_encoder_keys(hf_model):
     assert "vit.encoder.layer.1.intermediate.dense.weight" in keys
     assert "decoder.decoder_encoder.layer.0.attention.attention.query.weight" in keys
     assert not any(k.startswith("decoder.decoder_layers.") for k in keys)
+
+
+def test_checkpoint_filter_maps_hugging_face_to_a_strict_load(hf_model):
+    """The transformers 5.x on-disk layout -> our config and keys, loaded strictly."""
+    state = load_file(str(hf_model[1] / "model.safetensors"))
+    cfg, sd = checkpoint_filter(state, {}, num_heads=HEADS, decoder_num_heads=DEC_HEADS)
+    assert cfg == ViTMAEConfig(
+        input_size=224, patch_size=16, in_chans=3, embed_dim=32, depth=2, num_heads=HEADS,
+        mlp_ratio=1.5, decoder_embed_dim=16, decoder_depth=2, decoder_num_heads=DEC_HEADS,
+        decoder_mlp_ratio=1.5, eps=1e-12,
+    )  # fmt: skip
+    ViTMAE(cfg).load_state_dict(sd, strict=True)
+    cfg1, sd1 = checkpoint_filter(state, {}, num_heads=HEADS, depth=1)  # first block, no decoder
+    assert cfg1.depth == 1 and cfg1.decoder_depth == 0
+    ViTMAE(cfg1).load_state_dict(sd1, strict=True)
+    cfg6, sd6 = checkpoint_filter(state, {}, num_heads=HEADS, in_chans=6, decoder_depth=0)
+    ViTMAE(cfg6).load_state_dict(sd6, strict=True)
 
 
 def test_config_inferred_from_checkpoint(ours):
@@ -221,8 +240,6 @@ def test_original_mae_layout_with_decoder(hf_model, ours, rgb, tmp_path):
 
 
 def test_not_a_vitmae_checkpoint(tmp_path):
-    from napari_maeprobe.errors import MaeprobeInputError
-
     save_file({"foo.weight": torch.zeros(2)}, str(tmp_path / "x.safetensors"))
     with pytest.raises(MaeprobeInputError, match="not a ViT-MAE checkpoint"):
         create_model("vit-mae", weights=tmp_path / "x.safetensors")
@@ -412,12 +429,14 @@ def test_single_channel_and_pred_rows(hf_model, crops):
 
 
 def test_bad_options(hf_model):
-    from napari_maeprobe.errors import MaeprobeInputError
-
     with pytest.raises(MaeprobeInputError, match="adapt"):
         _load(hf_model[1], in_chans=6, adapt="copy")
-    with pytest.raises(ValueError, match="unknown ViT-MAE options"):
+    with pytest.raises(MaeprobeInputError, match="no option 'widht'.*embed_dim"):
         create_model("vit-mae", random_init=True, widht=3)
+    with pytest.raises(MaeprobeInputError, match="in_chans=4, or keep 3 channels"):
+        _load(hf_model[1])(torch.zeros(1, 4, 32, 32))
+    with pytest.raises(MaeprobeInputError, match="embed_dim=64 does not match the weights"):
+        _load(hf_model[1], embed_dim=64)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -430,7 +449,7 @@ def test_registry_and_base_architecture():
     assert spec.hub == ("facebook/vit-mae-base", "model.safetensors")
     assert spec.licence.startswith("facebook/vit-mae-base: CC BY-NC 4.0")
     with torch.device("meta"):  # the architecture only: no memory, no initialisation time
-        m = build_vitmae(None, {}, in_chans=5)
+        m = ViTMAE(ViTMAEConfig(in_chans=5))
     assert m.embed_dim == 768 and len(m.blocks) == 12 and m.blocks[0].attn.num_heads == 12
     assert m.blocks[0].mlp.fc1.out_features == 3072 and m.patch_size == (16, 16)
     assert len(m.decoder_blocks) == 8 and m.decoder_blocks[0].attn.num_heads == 16
@@ -441,8 +460,9 @@ def test_registry_and_base_architecture():
 
 def test_loss_backpropagates(crops):
     torch.manual_seed(0)
-    m = create_model("vit-mae", random_init=True, in_chans=6, hidden_size=32, depth=1, heads=4,
-                     decoder_dim=16, decoder_depth=1, decoder_heads=2)  # fmt: skip
+    m = create_model("vit-mae", random_init=True, in_chans=6, embed_dim=32, depth=1,
+                     num_heads=4, decoder_embed_dim=16, decoder_depth=1,
+                     decoder_num_heads=2)  # fmt: skip
     loss, parts = m.loss(crops, _fixed_mask(2), fft_weight=0.01)
     loss.backward()
     assert torch.isfinite(loss) and parts["mse"] > 0
@@ -462,9 +482,9 @@ def _deterministic(model: torch.nn.Module) -> None:
 
 
 def test_golden_numbers(crops):
-    m = create_model("vit-mae", random_init=True, in_chans=6, adapt="tile", hidden_size=32,
-                     depth=2, heads=4, mlp_dim=64, decoder_dim=16, decoder_depth=1,
-                     decoder_heads=2, decoder_mlp_dim=32)  # fmt: skip
+    m = create_model("vit-mae", random_init=True, in_chans=6, adapt="tile", embed_dim=32,
+                     depth=2, num_heads=4, mlp_ratio=2.0, decoder_embed_dim=16, decoder_depth=1,
+                     decoder_num_heads=2, decoder_mlp_ratio=2.0)  # fmt: skip
     _deterministic(m)
     mask = _fixed_mask(2)
     out = m(crops, mask, attention=True, reconstruction=True)
@@ -487,8 +507,8 @@ GOLDEN = [
 ]
 
 
-def test_img_size_option_regenerates_tables(hf_model, ours, rgb):
-    big = _load(hf_model[1], img_size=256)
+def test_input_size_option_regenerates_tables(hf_model, ours, rgb):
+    big = _load(hf_model[1], input_size=256)
     assert torch.equal(big.pos_embed, mae_sincos_2d(32, (16, 16)))
     assert torch.equal(big.decoder_pos_embed, mae_sincos_2d(16, (16, 16)))
     # at 224 the regenerated 14x14 table equals the checkpoint's: same outputs

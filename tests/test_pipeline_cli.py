@@ -90,8 +90,8 @@ def test_evaluate_reports_rank_probe_and_attention_iou(store, tmp_path):
     assert 1 < res["patch"]["effective_rank"] <= 144
     assert res["patch"]["probes"]["patch_row"]["balanced_accuracy"] > 0.5  # position is linear
     assert res["channel"]["probes"]["channel"]["n_classes"] == 5
-    assert 0 <= res["global"]["attention_iou"]["mean"] <= 1
-    assert res["global"]["attention_iou"]["cells"] == 55
+    assert 0 <= res["cells"]["attention_iou"]["mean"] <= 1
+    assert res["cells"]["attention_iou"]["cells"] == 55
 
 
 def test_bad_store_and_format_get_one_line(tmp_path):

@@ -206,6 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--resolution", type=float, default=1.0, help="Leiden resolution")
     analyze.add_argument("--kmeans", type=int, help="also k-means with this k")
     analyze.add_argument("--seed", type=int, default=0)
+    analyze.add_argument("--allow-incomplete", action="store_true",
+                         help="analyse an interrupted store's finished cells")  # fmt: skip
 
     evaluate = sub.add_parser(
         "evaluate",
@@ -229,6 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--format", required=True, choices=["h5ad", "parquet", "csv"])
     export.add_argument("--out", required=True, type=Path, help="the file to write")
     export.add_argument("--level", help="one level (default: all levels, stacked)")
+    export.add_argument("--allow-incomplete", action="store_true",
+                        help="export an interrupted store's finished cells")  # fmt: skip
 
     sub.add_parser(
         "models", help="list the models, their inputs, licences and weights",
@@ -339,7 +343,9 @@ def cmd_analyze(args) -> int:
         umap_max_fit=args.umap_max_fit, resolution=args.resolution, kmeans=args.kmeans,
         seed=args.seed,
     )  # fmt: skip
-    results = analyze_store(store, _levels(args.levels), settings, progress=args.progress)
+    with store.lock("analyze"):  # one writer at a time
+        results = analyze_store(store, _levels(args.levels), settings, progress=args.progress,
+                                allow_incomplete=args.allow_incomplete)  # fmt: skip
     for level, r in results.items():
         print(
             f"{level}: {r['analysed_rows']} of {r['rows']} rows; {r['n_leiden']} Leiden clusters; "
@@ -355,6 +361,7 @@ def cmd_evaluate(args) -> int:
 
     store = EmbeddingStore(args.store)
     results = evaluate_store(store, _levels(args.levels), args.probe)
+    cells = results.pop("cells", {})
     for level, r in results.items():
         print(f"{level}: {r['rows']} rows, effective rank {r['effective_rank']:.1f} "
               f"of {r['embed_dim']} dimensions")  # fmt: skip
@@ -363,10 +370,11 @@ def cmd_evaluate(args) -> int:
                   f"(chance {p['chance']:.3f}, {p['n_classes']} classes)")  # fmt: skip
         for col, why in r.get("skipped_probes", {}).items():
             print(f"  linear probe of {col}: skipped ({why})")
-        if "attention_iou" in r:
-            a = r["attention_iou"]
-            print(f"  attention IoU with the cell masks: mean {a['mean']:.3f} "
-                  f"(top {a['top_fraction']:.0%} of patches, {a['cells']} cells)")  # fmt: skip
+    if "attention_iou" in cells:
+        a = cells["attention_iou"]
+        print(f"cells: attention IoU with the cell masks: mean {a['mean']:.3f} "
+              f"(top {a['top_fraction']:.0%} of patches, {a['cells']} cells)")  # fmt: skip
+        results["cells"] = cells
     if args.json:
         from napari_maeprobe.io.files import write_json
 
@@ -378,7 +386,8 @@ def cmd_evaluate(args) -> int:
 def cmd_export(args) -> int:
     from napari_maeprobe.io.export import export_store
 
-    path = export_store(args.store, args.format, args.out, args.level)
+    path = export_store(args.store, args.format, args.out, args.level,
+                        allow_incomplete=args.allow_incomplete)  # fmt: skip
     print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")
     return 0
 
@@ -406,7 +415,6 @@ def cmd_demo(args) -> int:
 def cmd_train(args) -> int:
     import json
 
-    from napari_maeprobe.models.builtin import DEFAULT_CONFIG
     from napari_maeprobe.models.registry import create_model
     from napari_maeprobe.models.training import (
         CropSampler,
@@ -439,8 +447,8 @@ def cmd_train(args) -> int:
 
     device = resolve_device(args.device)
     model = create_model("default", random_init=True)
-    cfg = DEFAULT_CONFIG
-    sampler = CropSampler(images, cfg["img_size"], cfg["patch_size"], 6, seed=args.seed)
+    cfg = model.config  # DefaultConfig: saved with the weights (maeprobe_config metadata)
+    sampler = CropSampler(images, cfg.input_size, cfg.patch_size, 6, seed=args.seed)
     curve = train_mae(
         model,
         sampler,
@@ -508,16 +516,30 @@ def main(argv: list[str] | None = None) -> int:
         "embed": cmd_embed, "export": cmd_export, "analyze": cmd_analyze,
         "evaluate": cmd_evaluate,
     }  # fmt: skip
-    args.progress = TqdmProgress()
+    from napari_maeprobe.embed.engine import WorkerCrashedError
+
+    args.progress = TqdmProgress()  # the command's job: tqdm bars, cancel token, events
     try:
         return handlers[args.verb](args)
-    except (MaeprobeInputError, Cancelled) as exc:
+    except (MaeprobeInputError, Cancelled, WorkerCrashedError) as exc:
+        # one line; a worker crash says so in one sentence (--debug: the traceback, and for an
+        # error inside the worker, the worker's traceback as its cause)
         args.progress.close()
         if args.debug:
             raise
         print(f"maeprobe {args.verb}: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except OSError as exc:  # file-system errors: one line naming the path and a fix
+        from napari_maeprobe.io.files import describe_os_error
+
+        error = describe_os_error(exc)
+        args.progress.close()
+        if error is None or args.debug:
+            raise
+        print(f"maeprobe {args.verb}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:  # the engine has stopped its worker; the worker exits quietly
+        args.progress.cancel()
         args.progress.close()
         print(f"maeprobe {args.verb}: interrupted", file=sys.stderr)
         return 130

@@ -73,8 +73,9 @@ def run_demo(
     from napari_maeprobe.embed.job import EmbedJob
     from napari_maeprobe.embed.run_local import run_embedding
     from napari_maeprobe.embed.store import EmbeddingStore
-    from napari_maeprobe.io.export import export_store, to_anndata
+    from napari_maeprobe.io.export import export_store
     from napari_maeprobe.pl.report import write_report
+    from napari_maeprobe.table import read_level
 
     out_dir = Path(out_dir)
     seconds: dict[str, float] = {}
@@ -113,14 +114,7 @@ def run_demo(
     seconds["export"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    from napari_maeprobe.tl.diagnostics import DriversReport
-
-    levels = {lvl: to_anndata(store, [lvl]) for lvl in store.levels()}
-    drivers = {}
-    for lvl in levels:
-        attrs = store.read_analysis(lvl)[2]
-        drivers[lvl] = DriversReport.from_dict(attrs["drivers"])
-        levels[lvl].uns["effective_rank"] = attrs["effective_rank"]
+    levels = {lvl: read_level(store, lvl) for lvl in store.levels()}
     facts = {
         **result.facts,
         "images": len(flat),
@@ -129,7 +123,7 @@ def run_demo(
         "note": "the z-stack (cells3d) is segmented but not embedded: the default model is 2D",
         "seconds": {k: round(v, 1) for k, v in seconds.items()},
     }
-    write_report(out_dir, levels, drivers, facts, segmentation=summary)
+    write_report(out_dir, levels, None, facts, segmentation=summary)
     seconds["report"] = time.perf_counter() - t
     facts["seconds"] = {k: round(v, 1) for k, v in seconds.items()}
     write_json(

@@ -119,16 +119,15 @@ def conform(
     frame: pd.DataFrame, level: str, metadata: Mapping[str, object] | None = None
 ) -> pd.DataFrame:
     """``frame`` as a level's observation table: every contract column in order with its dtype
-    (missing ones NA), then the other known columns ``frame`` has, then the image's metadata
+    (missing ones NA), then the other schema columns ``frame`` has, then the image's metadata
     (each a categorical column holding one value)."""
     n = len(frame)
     out = {"level": pd.Categorical([level] * n, categories=list(LEVELS))}
     for col in OBS_COLUMNS[1:]:
         out[col] = _as_dtype(frame[col] if col in frame else None, BY_NAME[col].dtype, n)
-    for col in frame.columns:
-        if col not in out:
-            dtype = BY_NAME[col].dtype if col in BY_NAME else None
-            out[col] = _as_dtype(frame[col], dtype, n) if dtype else frame[col].to_numpy()
+    for col in frame.columns:  # other schema columns (working columns such as crop_index go)
+        if col not in out and col in BY_NAME:
+            out[col] = _as_dtype(frame[col], BY_NAME[col].dtype, n)
     for key, value in (metadata or {}).items():
         if key not in out and np.isscalar(value):
             out[key] = pd.Categorical([str(value)] * n)

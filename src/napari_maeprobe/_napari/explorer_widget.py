@@ -495,7 +495,7 @@ class ExplorerWidget(QWidget):
     # ------------------------------------------------------------------ export
     def export(self, path: str | Path, selection_only: bool = False, fmt: str | None = None):
         """Write the whole table or the selection (h5ad / parquet / csv, from the suffix)."""
-        from napari_maeprobe.io.export import write_rows
+        from napari_maeprobe.io.export import write_table
 
         data = self.data
         if data is None:
@@ -503,14 +503,11 @@ class ExplorerWidget(QWidget):
         path = Path(path)
         fmt = fmt or path.suffix.lstrip(".")
         rows = self.scatter.selected() if selection_only else np.arange(data.n)
-        obs = data.obs.iloc[rows].reset_index(drop=True)
-        obsm = {f"X_{k.lower()}": v[rows] for k, v in data.coords.items()}
-        X = data.X[rows] if data.X is not None else np.zeros((len(rows), 0), np.float32)
-        uns = {"maeprobe": {"source": str(data.source), "level": data.level,
-                            "selection_only": bool(selection_only)}}  # fmt: skip
-        if data.store is not None:
-            uns["maeprobe"].update(data.store.facts)
-        return write_rows(obs, X, obsm, uns, fmt, path)
+        table = data.adata[np.asarray(rows, dtype=np.int64)].copy()
+        facts = table.uns.setdefault("maeprobe", {})
+        facts["source"] = str(data.source)
+        facts["selection_only"] = bool(selection_only)
+        return write_table(table, fmt, path)
 
     def _ask_export(self, selection_only: bool) -> None:
         fmt = self.export_format.currentText()

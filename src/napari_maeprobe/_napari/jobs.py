@@ -4,23 +4,23 @@ The widgets only collect settings and show results; everything here runs in a wo
 (except :func:`build_image`, which is cheap and lazy) and talks back through plain callbacks, so
 it can be tested without a display.
 
-Cancelling an embedding (:class:`EmbedTask`) does two things: it makes the progress callback
-return ``False`` (so the library raises :class:`~napari_maeprobe.progress.Cancelled` at its next
-report), and it kills the inference worker process at once. The second is what makes a cancel
-take effect within a fraction of a second: the engine reports progress only after each batch it
-sends (64 crops on a CPU, seconds of work), and starting the model reports nothing at all. A
-killed worker makes the engine's receive loop (it polls every 0.2 s) stop with
-:class:`~napari_maeprobe.embed.engine.WorkerCrashedError`, which the task turns into ``Cancelled``.
+Jobs use the package's job layer (:mod:`napari_maeprobe.progress`): a :class:`Job` with a cancel
+token, started / progress / finished events and an :class:`Outcome`, as the CLI and the engine.
+
+Cancelling an embedding (:class:`EmbedTask`) cancels its job's token, which does two things: the
+job, as the library's progress callback, returns ``False`` (so the library raises
+:class:`~napari_maeprobe.progress.Cancelled` at its next report), and the engine is cancelled
+(:meth:`~napari_maeprobe.embed.engine.InferenceEngine.cancel`, hooked on the token when the
+engine says its worker process has started). The second is what makes a cancel take effect
+within a fraction of a second: the engine reports progress only after each batch it sends (64
+crops on a CPU, seconds of work), and starting the model reports nothing at all.
 """
 
 from __future__ import annotations
 
 import gc
 import logging
-import os
-import signal
 import threading
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +31,9 @@ import numpy as np
 
 from napari_maeprobe.errors import MaeprobeInputError
 from napari_maeprobe.io.image import MicroscopyImage, guess_axes
-from napari_maeprobe.progress import Cancelled
+from napari_maeprobe.progress import Cancelled, Job, Outcome, guarded
+
+__all__ = ["Job", "Outcome", "guarded"]  # the job layer, re-exported for the widgets
 
 if TYPE_CHECKING:
     from napari_maeprobe.embed.job import EmbedJob
@@ -170,51 +172,21 @@ def build_image(
 # --------------------------------------------------------------------------- outcomes
 
 
-@dataclass
-class Outcome:
-    """How a job in a worker thread ended: ``done`` (with ``value``), ``cancelled`` or ``error``.
-
-    Jobs return this instead of raising, so the widget decides what the user sees (a
-    notification with the problem and its fix) and napari does not print a traceback.
-    """
-
-    status: str
-    value: Any = None
-    error: BaseException | None = None
-    seconds: float = 0.0
-
-
-def guarded(fn: Callable[[], Any], cancelled: Callable[[], bool] = lambda: False) -> Outcome:
-    """Run ``fn`` and sort its end into an :class:`Outcome` (errors after a cancel: cancelled)."""
-    t0 = time.perf_counter()
-    try:
-        value = fn()
-    except Cancelled:
-        return Outcome("cancelled", seconds=time.perf_counter() - t0)
-    except Exception as exc:
-        if cancelled():
-            return Outcome("cancelled", seconds=time.perf_counter() - t0)
-        if not isinstance(exc, MaeprobeInputError):
-            log.exception("maeprobe job failed")
-        return Outcome("error", error=exc, seconds=time.perf_counter() - t0)
-    return Outcome("done", value, seconds=time.perf_counter() - t0)
-
-
 class NamedJob:
-    """A job for a napari thread worker: runs ``fn`` through :func:`guarded`.
+    """What a napari thread worker runs: ``fn`` as a :class:`Job` (``job``, or a new one), so it
+    returns an :class:`Outcome` instead of raising (the widget decides what the user sees, a
+    notification with the problem and its fix, and napari prints no traceback).
 
     Its ``str`` is what napari's task status shows (instead of ``<function ...>``).
     """
 
-    def __init__(
-        self, label: str, fn: Callable[[], Any], cancelled: Callable[[], bool] | None = None
-    ) -> None:
+    def __init__(self, label: str, fn: Callable[[], Any], job: Job | None = None) -> None:
         self.label = label
         self.fn = fn
-        self.cancelled = cancelled or (lambda: False)
+        self.job = job if job is not None else Job(label)
 
     def __call__(self) -> Outcome:
-        return guarded(self.fn, self.cancelled)
+        return self.job.run(self.fn)
 
     def __str__(self) -> str:
         return self.label
@@ -320,51 +292,40 @@ def warm_imports() -> None:
 
 
 class EmbedTask:
-    """One embedding run that can be cancelled from another thread.
+    """One embedding run that can be cancelled from another thread: a :class:`Job` (``job``)
+    whose token, once the engine says its worker process has started, also cancels the engine.
 
     ``on_progress(done, total, description)`` is called from the worker thread for each report
-    of the library, plus ``(0, 0, "starting the model")`` before the engine starts.
+    of the library, plus ``(0, 0, "starting the model")`` before the engine starts. Run it in a
+    thread worker as ``NamedJob(label, partial(task.run, ...), job=task.job)``.
     """
 
     def __init__(self, on_progress: Callable[[int, int, str], None] | None = None) -> None:
-        self.on_progress = on_progress
+        self.job = Job("embedding", on_progress=on_progress)
         self.engine = None  # the InferenceEngine, from the moment it starts its worker
-        self._cancel = threading.Event()
-        self._finished = threading.Event()
+        self._unhook: Callable[[], None] | None = None
 
     @property
     def cancelled(self) -> bool:
-        return self._cancel.is_set()
+        return self.job.cancelled
 
     @property
     def finished(self) -> bool:
-        return self._finished.is_set()
+        return self.job.finished
 
     def progress(self, done: int, total: int, description: str) -> bool:
         """The library's progress callback: relay, and return ``False`` once cancelled."""
-        if self.on_progress is not None:
-            self.on_progress(done, total, description)
-        return not self._cancel.is_set()
+        return self.job.progress(done, total, description)
 
     def cancel(self) -> None:
-        """Ask the run to stop and kill the model's worker process (now, or once it starts)."""
-        first = not self._cancel.is_set()
-        self._cancel.set()
-        if first and not self._finished.is_set():
-            threading.Thread(target=self._kill_worker, daemon=True, name="maeprobe-cancel").start()
+        """Ask the run to stop: the engine (now, or as soon as it starts) stops at once."""
+        self.job.cancel()
 
-    def _kill_worker(self) -> None:
-        """Kill the engine's worker as soon as it has one; stop trying when the run ends."""
-        sig = getattr(signal, "SIGKILL", signal.SIGTERM)
-        while not self._finished.is_set():
-            pid = getattr(self.engine, "pid", None)
-            if pid:
-                try:
-                    os.kill(pid, sig)
-                except (ProcessLookupError, PermissionError, OSError):
-                    pass
-                return
-            self._finished.wait(0.02)
+    def _engine_started(self, engine) -> None:
+        """The engine's ``on_started``: from now on a cancel cancels the engine (at once, if
+        the task was cancelled already)."""
+        self.engine = engine
+        self._unhook = self.job.token.on_cancel(engine.cancel)
 
     def run(
         self,
@@ -388,7 +349,9 @@ class EmbedTask:
                 raise Cancelled("cancelled") from exc
             raise
         finally:
-            self._finished.set()
+            unhook, self._unhook = self._unhook, None
+            if unhook is not None:
+                unhook()
             release_full_gc()
 
     def _run(self, image, out, job: EmbedJob, labels, overwrite: bool) -> EmbedResult:
@@ -396,20 +359,9 @@ class EmbedTask:
         from napari_maeprobe.embed.run_local import run_embedding
 
         job.check()
-        if self.cancelled:
-            raise Cancelled("cancelled before the model started")
+        self.job.token.check("starting the model")
         self.progress(0, 0, "starting the model")
-        config = job.engine_config()
-        task = self
-
-        class _TrackedEngine(InferenceEngine):
-            """Makes the engine visible to :meth:`cancel` while its model is still loading."""
-
-            def __init__(self, cfg) -> None:
-                task.engine = self
-                super().__init__(cfg)
-
-        engine = _TrackedEngine(config)
+        engine = InferenceEngine(job.engine_config(), on_started=self._engine_started)
         try:
             result = run_embedding(
                 [image],

@@ -21,7 +21,6 @@ from __future__ import annotations
 import math
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -35,15 +34,21 @@ from vispy.util import keys
 from vispy.visuals import MarkersVisual
 from vispy.visuals.transforms import STTransform
 
+from napari_maeprobe.pl.colors import (
+    NA_RGBA,
+    categorical_palette,
+    color_kind,
+    ordinal_colors,
+    viridis_lut,
+)
+
 TOOLS = ("pan", "lasso", "rect")
 RENDER_MODES = ("auto", "markers", "raster")
 DEFAULT_RGBA = (0.27, 0.51, 0.71, 1.0)
-NA_RGBA = (0.8, 0.8, 0.8, 1.0)
 SELECTED_EDGE = (0.05, 0.05, 0.05, 1.0)
 HIGHLIGHT_EDGE = (1.0, 0.0, 1.0, 1.0)
 OUTLINE_RGBA = (0.85, 0.1, 0.3, 1.0)
 DIM = 0.25  # alpha factor of unselected points while a selection exists
-MAX_CATEGORICAL_INTS = 32
 RASTER_AUTO_MIN = 50_000
 SVG_VECTOR_MAX = 200_000
 CLICK_TOLERANCE_PX = 3.0
@@ -93,72 +98,6 @@ def _vispy_app():
 # --------------------------------------------------------------------------------------------
 # colours
 # --------------------------------------------------------------------------------------------
-
-
-def _srgb_to_lab(rgb: np.ndarray) -> np.ndarray:
-    """CIELAB (D65) of sRGB colours in [0, 1]."""
-    c = np.where(rgb <= 0.04045, rgb / 12.92, ((rgb + 0.055) / 1.055) ** 2.4)
-    m = np.array([[0.4124, 0.3576, 0.1805], [0.2126, 0.7152, 0.0722], [0.0193, 0.1192, 0.9505]])
-    xyz = c @ m.T / np.array([0.95047, 1.0, 1.08883])
-    d = 6 / 29
-    f = np.where(xyz > d**3, np.cbrt(xyz), xyz / (3 * d * d) + 4 / 29)
-    return np.column_stack(
-        [116 * f[:, 1] - 16, 500 * (f[:, 0] - f[:, 1]), 200 * (f[:, 1] - f[:, 2])]
-    )
-
-
-def _glasbey(seed: np.ndarray, k: int) -> np.ndarray:
-    """``k`` more colours, each the farthest (CIELAB) from all chosen so far (Glasbey et al.)."""
-    levels = np.linspace(0.0, 1.0, 16)
-    cand = np.stack(np.meshgrid(levels, levels, levels, indexing="ij"), -1).reshape(-1, 3)
-    lab = _srgb_to_lab(cand)
-    chroma = np.hypot(lab[:, 1], lab[:, 2])
-    keep = (lab[:, 0] > 30) & (lab[:, 0] < 85) & (chroma > 20)  # not grey (NA), not white/black
-    cand, lab = cand[keep], lab[keep]
-    fixed = _srgb_to_lab(np.vstack([seed[:, :3], NA_RGBA[:3], (1.0, 1.0, 1.0)]))
-    dist = np.min(((lab[:, None, :] - fixed[None, :, :]) ** 2).sum(-1), axis=1)
-    out = []
-    for _ in range(k):
-        i = int(np.argmax(dist))
-        out.append(cand[i])
-        dist = np.minimum(dist, ((lab - lab[i]) ** 2).sum(-1))
-    return np.column_stack([np.asarray(out).reshape(-1, 3), np.ones(k)])
-
-
-@lru_cache(maxsize=32)
-def categorical_palette(k: int) -> np.ndarray:
-    """``k`` RGBA colours: tab10 (k <= 10), tab20 (k <= 20), then Glasbey-like extras."""
-    from matplotlib import colormaps
-
-    if k <= 10:
-        pal = np.asarray(colormaps["tab10"].colors)[:k]
-    else:
-        tab20 = np.asarray(colormaps["tab20"].colors)
-        pal = tab20[:k] if k <= 20 else np.vstack([tab20, _glasbey(tab20, k - 20)[:, :3]])
-        pal = pal[:, :3]
-    pal = np.column_stack([pal[:, :3], np.ones(len(pal))]).astype(np.float32)
-    pal.setflags(write=False)
-    return pal
-
-
-@lru_cache(maxsize=1)
-def _viridis() -> np.ndarray:
-    from matplotlib import colormaps
-
-    lut = colormaps["viridis"](np.linspace(0.0, 1.0, 256)).astype(np.float32)
-    lut.setflags(write=False)
-    return lut
-
-
-def _is_categorical(s: pd.Series) -> bool:
-    dt = s.dtype
-    if isinstance(dt, pd.CategoricalDtype) or pd.api.types.is_bool_dtype(dt):
-        return True
-    if pd.api.types.is_string_dtype(dt) or pd.api.types.is_object_dtype(dt):
-        return True
-    if pd.api.types.is_integer_dtype(dt):
-        return s.nunique(dropna=True) <= MAX_CATEGORICAL_INTS
-    return False
 
 
 def _codes(s: pd.Series) -> tuple[np.ndarray, list]:
@@ -494,7 +433,26 @@ class ScatterCanvas(QWidget):
 
     def _compute_colours(self, column: str) -> None:
         s = self._obs[column]
-        if _is_categorical(s):
+        kind = color_kind(column, s)
+        if kind == "ordinal":
+            v = pd.to_numeric(s, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
+            ok = np.isfinite(v)
+            lo = int(np.nanmin(v)) if ok.any() else 0
+            hi = int(np.nanmax(v)) if ok.any() else 0
+            self._lut = np.vstack([ordinal_colors(hi - lo + 1), NA_RGBA])
+            idx = np.full(len(v), -1, np.int32)
+            idx[ok] = (v[ok] - lo).astype(np.int32)
+            self._cidx = idx
+            counts = np.bincount(idx + 1, minlength=hi - lo + 2)
+            legend = [
+                (str(lo + i), tuple(float(c) for c in self._lut[i]))
+                for i in range(hi - lo + 1)
+                if counts[i + 1]
+            ]
+            if counts[0]:
+                legend.append(("NA", NA_RGBA))
+            self._colour_kind = "ordinal"
+        elif kind == "categorical":
             codes, cats = _codes(s)
             self._lut = np.vstack([categorical_palette(max(len(cats), 1)), NA_RGBA])
             self._cidx = codes  # -1 (NA) picks the LUT's last row
@@ -510,7 +468,7 @@ class ScatterCanvas(QWidget):
         else:
             v = pd.to_numeric(s, errors="coerce").to_numpy(dtype=np.float32, na_value=np.nan)
             ok = np.isfinite(v)
-            self._lut = np.vstack([_viridis(), NA_RGBA])
+            self._lut = np.vstack([viridis_lut(), NA_RGBA])
             legend = []
             if ok.all():
                 lo, hi = (float(q) for q in np.percentile(v, [1.0, 99.0]))
@@ -544,7 +502,7 @@ class ScatterCanvas(QWidget):
 
     @property
     def colour_kind(self) -> str | None:
-        """``"categorical"``, ``"continuous"`` or ``None``."""
+        """``"categorical"``, ``"ordinal"``, ``"continuous"`` or ``None``."""
         return self._colour_kind
 
     def colours(self, rows: np.ndarray | None = None) -> np.ndarray:

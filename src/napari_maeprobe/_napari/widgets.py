@@ -945,7 +945,7 @@ class EmbedWidget(QWidget):
             return
         task = EmbedTask(on_progress=self._relay.progress.emit)
         fn = partial(task.run, built.image, out, job, labels, self.overwrite_check.isChecked())
-        named = NamedJob(f"maeprobe: embedding {built.image.name}", fn, lambda: task.cancelled)
+        named = NamedJob(f"maeprobe: embedding {built.image.name}", fn, job=task.job)
         worker = create_worker(
             named, _start_thread=False, _ignore_errors=True, _worker_class=_CancellableWorker
         )
@@ -963,7 +963,8 @@ class EmbedWidget(QWidget):
         worker.start()
 
     def cancel(self) -> None:
-        """Stop the run (the Cancel button): the model's worker process is killed at once."""
+        """Stop the run (the Cancel button): cancels the task's job, which stops the engine (its
+        worker process) at once."""
         if self._task is None:
             return
         self._cancel_clicked = time.perf_counter()

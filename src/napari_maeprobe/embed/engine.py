@@ -10,14 +10,25 @@
   attention.
 - The model lives in a separate process (a fresh interpreter), so a crash or an out-of-memory
   kill in the model cannot take down napari or the caller: it comes back as
-  :class:`WorkerCrashedError`.
+  :class:`WorkerCrashedError`, one sentence.
+- Errors inside the worker: bad input (:class:`~napari_maeprobe.errors.MaeprobeInputError` and
+  its subclasses, by ``isinstance``) is raised again in the caller as the same type with its
+  problem and fix; anything else (a plain ``ValueError`` from torch, a bug) becomes a
+  :class:`WorkerCrashedError` that says it is a bug, with the worker's traceback as its cause
+  (``maeprobe --debug`` prints it) and in ``worker_traceback``.
+- A worker whose caller is gone (killed, or Ctrl-C) exits quietly with a nonzero status: it
+  notices the closed pipe or the parent's death, and SIGINT ends it at once, without tracebacks.
 - Results stream out batch by batch (:class:`BatchResult`), with progress callbacks and
-  cancellation (the callback returns ``False``).
+  cancellation (the callback returns ``False``, or :meth:`InferenceEngine.cancel` from any
+  thread; ``on_started`` / ``started`` say from when the worker process exists).
 """
 
 from __future__ import annotations
 
+import os
 import queue
+import sys
+import threading
 import time
 import traceback
 from collections.abc import Iterable, Iterator
@@ -26,13 +37,32 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from napari_maeprobe.errors import MaeprobeInputError
-from napari_maeprobe.progress import ProgressCallback, report
+from napari_maeprobe.progress import Cancelled, CancelToken, ProgressCallback, report
 
 LEVELS = ("global", "channel", "patch")
 
+#: the worker's exit status after reporting an error, when its caller is gone (closed pipe or
+#: dead parent), and after SIGINT (Ctrl-C in the terminal reaches the whole process group)
+EXIT_ERROR, EXIT_PARENT_GONE, EXIT_INTERRUPTED = 1, 3, 130
+
 
 class WorkerCrashedError(RuntimeError):
-    """The model's worker process died (killed, out of memory, or a crash in native code)."""
+    """The model's worker process died (killed, out of memory, or a crash in native code), or
+    failed with an error that is not bad input (a bug): ``worker_traceback`` then holds the
+    worker's traceback (also chained as the cause, which ``maeprobe --debug`` prints)."""
+
+    worker_traceback: str | None = None
+
+
+class WorkerTraceback(Exception):
+    """The traceback of an error in the worker process, chained as the cause of the caller's."""
+
+    def __init__(self, tb: str) -> None:
+        super().__init__(tb)
+        self.tb = tb
+
+    def __str__(self) -> str:
+        return f'\n"""\n{self.tb.rstrip()}\n"""'
 
 
 @dataclass
@@ -174,6 +204,7 @@ class _Runner:
             importlib.import_module(module)
         self.cfg = cfg
         self._sizes: dict[tuple, int] = {}
+        self._checked: set[tuple[int, ...]] = set()
         self.device = resolve_device(cfg.device)
         self.precision = resolve_precision(cfg.precision, self.device)
         self.model = (
@@ -218,6 +249,31 @@ class _Runner:
         if key not in self._sizes:
             self._sizes[key] = default_batch_size(self.model, key, self.device)
         return min(self._sizes[key], max(n, 1))
+
+    def check_crops(self, shape: tuple[int, ...]) -> None:
+        """Refuse crops the model cannot take (dimensions, size, channel count) as bad input.
+
+        The models' own shape checks raise plain ``ValueError``; here, before the forward pass,
+        they are the input's fault. A ``ValueError`` during the forward pass is not: it comes
+        back as a bug (:class:`WorkerCrashedError`)."""
+        shape = tuple(int(s) for s in shape)
+        if shape in self._checked:
+            return
+        import torch
+
+        try:
+            self.model.token_grid(shape)
+            check = getattr(self.model, "_check", None)  # the model's input check, if it has one
+            if callable(check):
+                check(torch.empty((1, *shape), device="meta"))
+        except MaeprobeInputError:
+            raise
+        except ValueError as exc:
+            raise MaeprobeInputError(
+                f"{self.cfg.model}: {exc}",
+                "give crops of the model's input size and channel range (maeprobe models)",
+            ) from exc
+        self._checked.add(shape)
 
     def shrink_batch(self, shape: tuple[int, ...], size: int) -> int:
         """Halve (and remember) the batch for ``shape`` after an out-of-memory error."""
@@ -275,35 +331,68 @@ class _Runner:
         )
 
 
-def worker_main(read_fd: int, write_fd: int) -> None:
+def worker_main(read_fd: int, write_fd: int, parent_pid: int | None = None) -> int:
     """Worker process: read the config, build the model, then answer batches until told to stop.
 
-    Started as ``python -m napari_maeprobe.embed._worker READ_FD WRITE_FD``: a fresh
+    Started as ``python -m napari_maeprobe.embed._worker READ_FD WRITE_FD PARENT_PID``: a fresh
     interpreter, so the caller's script is not re-imported (as multiprocessing's spawn would).
+    Returns the exit status: 0 when told to stop, :data:`EXIT_ERROR` after reporting an error.
+    When the caller is gone (a closed pipe, or ``parent_pid`` no longer its parent) it exits at
+    once with :data:`EXIT_PARENT_GONE`, writing nothing.
     """
     from multiprocessing.connection import Connection
 
     inbox = Connection(read_fd, writable=False)
     outbox = Connection(write_fd, readable=False)
+    if parent_pid:
+        _watch_parent(parent_pid)
+
+    def send(message) -> None:
+        try:
+            outbox.send(message)
+        except (OSError, EOFError):  # nobody reads any more: the caller is gone
+            _exit_quietly(EXIT_PARENT_GONE)
+
+    def receive():
+        try:
+            return inbox.recv()
+        except (OSError, EOFError):
+            _exit_quietly(EXIT_PARENT_GONE)
+
     try:
-        runner = _Runner(inbox.recv())
-        outbox.send(("ready", runner.info))
-    except BaseException as exc:  # report, then exit
-        outbox.send(("error", _describe(exc)))
-        return
+        runner = _Runner(receive())
+    except Exception as exc:  # report, then exit
+        send(("error", _describe(exc)))
+        return EXIT_ERROR
+    send(("ready", runner.info))
     while True:
-        try:
-            msg = inbox.recv()
-        except EOFError:
-            return
+        msg = receive()
         if msg is None:
-            return
-        index, crops, boundary = msg
+            return 0
         try:
-            outbox.send(("batch", _run_with_oom_retry(runner, index, crops, boundary)))
-        except BaseException as exc:
-            outbox.send(("error", _describe(exc)))
-            return
+            index, crops, boundary = msg
+            results = _run_with_oom_retry(runner, index, crops, boundary)
+        except Exception as exc:
+            send(("error", _describe(exc)))
+            return EXIT_ERROR
+        send(("batch", results))
+
+
+def _exit_quietly(status: int) -> None:
+    """End the worker now, without tracebacks or exit handlers (its caller is gone)."""
+    os._exit(status)
+
+
+def _watch_parent(parent_pid: int, interval: float = 0.5) -> None:
+    """Exit quietly once the caller has died, even in the middle of a long batch."""
+
+    def watch() -> None:
+        while True:
+            time.sleep(interval)
+            if os.getppid() != parent_pid:
+                _exit_quietly(EXIT_PARENT_GONE)
+
+    threading.Thread(target=watch, daemon=True, name="maeprobe-parent-watch").start()
 
 
 def _run_with_oom_retry(runner: _Runner, index, crops, boundary) -> list[BatchResult]:
@@ -311,6 +400,7 @@ def _run_with_oom_retry(runner: _Runner, index, crops, boundary) -> list[BatchRe
     (outside the ``except``, so the failed batch's tensors are freed first)."""
     import torch
 
+    runner.check_crops(crops.shape[1:])
     size = runner.batch_size(crops.shape[1:], len(index))
     out: list[BatchResult] = []
     start = 0
@@ -332,61 +422,179 @@ def _run_with_oom_retry(runner: _Runner, index, crops, boundary) -> list[BatchRe
     return out
 
 
-def _describe(exc: BaseException) -> tuple[str, str, str | None, str]:
-    """(class name, problem, fix, traceback) of an exception, to rebuild it in the caller."""
-    problem = getattr(exc, "problem", str(exc))
-    return (type(exc).__name__, problem, getattr(exc, "fix", None), traceback.format_exc())
+def _describe(exc: BaseException) -> dict:
+    """What the caller needs to raise the right error for an exception of the worker.
+
+    ``kind``: ``"input"`` for bad input (``isinstance`` of
+    :class:`~napari_maeprobe.errors.MaeprobeInputError`: its problem and fix travel), ``"memory"``
+    for out-of-memory, ``"bug"`` for anything else; plus the type, message and traceback.
+    """
+    torch = sys.modules.get("torch")
+    oom = isinstance(exc, MemoryError) or (
+        torch is not None and isinstance(exc, getattr(torch, "OutOfMemoryError", ()))
+    )
+    kind = "input" if isinstance(exc, MaeprobeInputError) else "memory" if oom else "bug"
+    cls = type(exc)
+    return {
+        "kind": kind,
+        "module": cls.__module__,
+        "qualname": cls.__qualname__,
+        "message": str(exc),
+        "problem": getattr(exc, "problem", None) if kind == "input" else None,
+        "fix": getattr(exc, "fix", None) if kind == "input" else None,
+        "traceback": "".join(traceback.format_exception(exc)),
+    }
+
+
+def _input_error(payload: dict) -> MaeprobeInputError:
+    """The worker's bad-input error as the same product type (problem and fix kept)."""
+    import importlib
+
+    problem, fix = payload["problem"] or payload["message"], payload["fix"]
+    try:
+        cls = importlib.import_module(payload["module"])
+        for part in payload["qualname"].split("."):
+            cls = getattr(cls, part)
+        if isinstance(cls, type) and issubclass(cls, MaeprobeInputError):
+            return cls(problem, fix)
+    except Exception:  # a type the caller cannot rebuild: the base type says the same
+        pass
+    return MaeprobeInputError(problem, fix)
+
+
+def _worker_error(payload: dict, doing: str) -> Exception:
+    """The caller's exception for an error the worker reported (see :func:`_describe`)."""
+    tb = payload.get("traceback") or ""
+    if payload["kind"] == "input":
+        exc: Exception = _input_error(payload)
+    elif payload["kind"] == "memory":
+        exc = WorkerCrashedError(
+            f"the inference worker ran out of memory while {doing}. Fix: use a smaller "
+            "--batch-size, or --device cpu"
+        )
+    else:
+        message = (payload["message"].strip().splitlines() or [""])[0][:300]
+        name = payload["qualname"]
+        exc = WorkerCrashedError(
+            f"{doing} failed in the inference worker with {name}"
+            f"{': ' + message if message else ''}. This is a bug in maeprobe or the model, not "
+            "a problem with your data; maeprobe --debug shows the worker's traceback"
+        )
+    exc.worker_traceback = tb
+    exc.__cause__ = WorkerTraceback(tb)
+    return exc
 
 
 class InferenceEngine:
     """Embeds batches of crops with one model, in a worker process (or in-process).
 
     Use as a context manager; :meth:`embed` yields :class:`BatchResult` per batch.
+
+    ``on_started(engine)`` is called (from the constructing thread) as soon as the worker
+    process exists, before the model is loaded; ``started`` is set then too. From that moment
+    :meth:`cancel`, from any thread, stops the engine within a fraction of a second: the thread
+    starting it or in :meth:`embed` raises :class:`~napari_maeprobe.progress.Cancelled`.
     """
 
     def __init__(
-        self, config: EngineConfig, in_process: bool = False, start_timeout: float = 600.0
+        self,
+        config: EngineConfig,
+        in_process: bool = False,
+        start_timeout: float = 600.0,
+        on_started=None,
     ) -> None:
         self.config = config
         self.in_process = in_process
         self._runner: _Runner | None = None
         self._proc = None
         self._closed = False
+        self._lock = threading.Lock()  # guards _proc between close() and cancel()
+        self.token = CancelToken()
+        self.started = threading.Event()
         if in_process:
+            self._set_started(on_started)
             self._runner = _Runner(config)
             self.info = self._runner.info
             return
-        import os
         import subprocess
-        import sys
         from multiprocessing.connection import Connection
 
         r1, w1 = os.pipe()  # to the worker
         r2, w2 = os.pipe()  # from the worker
-        self._proc = subprocess.Popen(
-            [sys.executable, "-m", "napari_maeprobe.embed._worker", str(r1), str(w2)],
-            pass_fds=(r1, w2),
-        )
+        with self._lock:
+            if self.token.cancelled:
+                for fd in (r1, w1, r2, w2):
+                    os.close(fd)
+                raise Cancelled("cancelled before the model started")
+            self._proc = subprocess.Popen(
+                [sys.executable, "-m", "napari_maeprobe.embed._worker", str(r1), str(w2),
+                 str(os.getpid())],
+                pass_fds=(r1, w2),
+            )  # fmt: skip
         os.close(r1)
         os.close(w2)
         self._to_worker = Connection(w1, readable=False)
         self._from_worker = Connection(r2, writable=False)
-        self._send(config)
-        _, self.info = self._receive("starting the model", timeout=start_timeout)
+        try:
+            self._set_started(on_started)
+            self._send(config)
+            _, self.info = self._receive("starting the model", timeout=start_timeout)
+        except BaseException:  # Cancelled, Ctrl-C, a crash: no worker left behind
+            self.close(kill=True)
+            raise
+
+    def _set_started(self, on_started) -> None:
+        self.started.set()
+        if on_started is not None:
+            on_started(self)
+
+    def cancel(self) -> None:
+        """Stop now; safe to call from any thread, any number of times, before or after start.
+
+        Kills the worker process (it holds no results that are not yet sent); the thread in
+        :meth:`embed` or in the constructor raises :class:`Cancelled` and closes the engine.
+        In-process engines stop after the current batch.
+        """
+        self.token.cancel()
+        with self._lock:
+            if self._proc is not None:
+                try:
+                    self._proc.kill()
+                except OSError:
+                    pass
+
+    @property
+    def cancelled(self) -> bool:
+        return self.token.cancelled
 
     # -- worker plumbing ---------------------------------------------------------------------
     def _alive(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
+        proc = self._proc
+        return proc is not None and proc.poll() is None
 
-    def _crashed(self, doing: str) -> WorkerCrashedError:
-        code = None
-        if self._proc is not None:
+    def _crashed(self, doing: str) -> Exception:
+        """The error for a worker that stopped: :class:`Cancelled` after :meth:`cancel`, else a
+        :class:`WorkerCrashedError` in one sentence. Closes the engine."""
+        proc, code = self._proc, None
+        if proc is not None and not self.token.cancelled:
             try:
-                code = self._proc.wait(timeout=5)
+                code = proc.wait(timeout=5)
             except Exception:
-                code = self._proc.poll()
-        why = "killed (out of memory?)" if code is not None and code < 0 else f"exit code {code}"
+                code = proc.poll()
         self.close(kill=True)
+        if self.token.cancelled:
+            return Cancelled(f"cancelled while {doing}")
+        if code is not None and code < 0:
+            try:
+                import signal
+
+                why = f"killed by {signal.Signals(-code).name}: out of memory?"
+            except ValueError:
+                why = "killed: out of memory?"
+        elif code == EXIT_INTERRUPTED:
+            why = "interrupted"
+        else:
+            why = f"exit code {code}"
         return WorkerCrashedError(
             f"the inference worker stopped while {doing} ({why}). Fix: use a smaller "
             "--batch-size, or --device cpu; napari and your data are unaffected"
@@ -401,6 +609,8 @@ class InferenceEngine:
     def _receive(self, doing: str, timeout: float | None = None):
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
+            if self.token.cancelled:
+                raise self._crashed(doing)
             try:
                 ready = self._from_worker.poll(0.2)
             except (OSError, EOFError):
@@ -417,18 +627,8 @@ class InferenceEngine:
             except (EOFError, OSError):
                 raise self._crashed(doing) from None
             if kind == "error":
-                name, message, fix, _tb = payload
                 self.close(kill=True)
-                if name in ("MaeprobeInputError", "WeightsNotFoundError", "NoCellsFoundError"):
-                    from napari_maeprobe import errors
-
-                    raise getattr(errors, name)(message, fix)
-                if name == "ValueError":  # the model refused the input (size, channels)
-                    raise MaeprobeInputError(
-                        f"{self.config.model}: {message}",
-                        "give crops of the model's input size and channel range (maeprobe models)",
-                    )
-                raise WorkerCrashedError(f"{doing} failed in the worker: {name}: {message}")
+                raise _worker_error(payload, doing)
             return kind, payload
 
     def embed(
@@ -446,6 +646,7 @@ class InferenceEngine:
         index, so a job split into pieces gets the same masks as in one piece.
         Yields results batch by batch, in input order (``index`` counts from ``first_index``).
         """
+        self.token.check("embedding")
         if self._closed:
             raise MaeprobeInputError(
                 "this inference engine was closed (cancelled, or its worker stopped)",
@@ -459,12 +660,12 @@ class InferenceEngine:
         report(progress, 0, n_total, "embedding")
         if self._runner is not None:
             for index, x, b in batches:
+                self.token.check("embedding")
                 for res in _run_with_oom_retry(self._runner, index, x, b):
                     done += len(res.index)
                     yield res
                 report(progress, done, max(n_total, done), "embedding")
             return
-        import threading
         from multiprocessing.reduction import ForkingPickler
 
         sent: queue.Queue = queue.Queue()
@@ -474,7 +675,7 @@ class InferenceEngine:
         def sender() -> None:  # sends while the main thread receives: no pipe deadlock
             try:
                 for item in batches:
-                    if stop.is_set():
+                    if stop.is_set() or self.token.cancelled:
                         return
                     # protocol 5 pickles arrays ~5x faster: shorter GIL holds (GUI stays smooth)
                     payload = bytes(ForkingPickler.dumps(item, protocol=5))
@@ -492,7 +693,11 @@ class InferenceEngine:
         thread.start()
         try:
             while True:
-                n = sent.get()
+                try:  # while the sender reads the next crops, a cancel still stops at once
+                    n = sent.get(timeout=0.05)
+                except queue.Empty:
+                    self.token.check("embedding")
+                    continue
                 if n is None:
                     break
                 for res in self._receive(f"embedding crops {done} to {done + n - 1}")[1]:
@@ -540,7 +745,8 @@ class InferenceEngine:
     def close(self, kill: bool = False) -> None:
         """Stop the worker (politely, or at once with ``kill``)."""
         self._closed = self._runner is None
-        proc, self._proc = self._proc, None
+        with self._lock:
+            proc, self._proc = self._proc, None
         if proc is None:
             return
         if not kill and proc.poll() is None:
@@ -560,7 +766,8 @@ class InferenceEngine:
 
     @property
     def pid(self) -> int | None:
-        return None if self._proc is None else self._proc.pid
+        proc = self._proc
+        return None if proc is None else proc.pid
 
     def __enter__(self) -> InferenceEngine:
         return self

@@ -20,7 +20,9 @@ from napari_maeprobe.pp.preprocessing import (
     apply_normalization,
     channel_stats,
     check_finite,
+    foreground_thresholds,
     project_z,
+    tile_origins,
 )
 
 #: bytes of float32 crops held per unit of work (bounds memory, whatever the image size)
@@ -34,7 +36,7 @@ class PlannedImage:
     image: MicroscopyImage
     labels: np.ndarray | None
     stats: np.ndarray  # (C, 2) normalisation statistics
-    thresholds: np.ndarray  # (C + 1,) Otsu thresholds: per channel, then of the channel mean
+    thresholds: np.ndarray  # (C + 1,) foreground thresholds (preprocessing.foreground_thresholds)
     cell_ids: np.ndarray
     metadata: dict = field(default_factory=dict)
 
@@ -65,30 +67,24 @@ def prepare_image(image: MicroscopyImage, job: EmbedJob, model_3d: bool) -> Micr
     return image
 
 
-def _otsu(values: np.ndarray) -> float:
-    from skimage.filters import threshold_otsu
-
-    values = values[np.isfinite(values)]
-    if values.size == 0 or values.min() == values.max():
-        return float("inf")
-    return float(threshold_otsu(values))
-
-
 def plan_image(
     image: MicroscopyImage,
     job: EmbedJob,
     labels: np.ndarray | None,
+    crop_size: tuple[int, ...],
+    patch_size: tuple[int, ...],
 ) -> PlannedImage:
     """Statistics, cells and Otsu thresholds of one image (labels already made or given)."""
     data = image.to_numpy()
     check_finite(data, image.name, image.channel_names)
     stats = channel_stats(data, job.normalization)
-    step = max(1, data[0].size // 1_000_000)
-    norm = apply_normalization(data.reshape(1, data.shape[0], -1)[:, :, ::step], stats,
-                               job.normalization)[0]  # fmt: skip
-    thresholds = np.array([_otsu(ch) for ch in norm] + [_otsu(norm.mean(axis=0))])
+    norm = apply_normalization(data[None], stats, job.normalization)[0]
+    thresholds = foreground_thresholds(norm, patch_size)
+    del norm
     if labels is None:
-        cell_ids = np.arange(n_tiles(image, job), dtype=np.int64)
+        # tiles: the same rule that cuts them (pp.preprocessing.tile_origins), at the crop size
+        n = len(tile_origins(tuple(image.spatial_shape), crop_size))
+        cell_ids = np.arange(n, dtype=np.int64)
     else:
         cell_ids = np.unique(labels[labels > 0]).astype(np.int64)
         if cell_ids.size == 0:
@@ -112,12 +108,6 @@ def crop_size_for(job: EmbedJob, info: ModelInfo) -> tuple[int, ...]:
             f"use a crop size that is a multiple of the patch size, e.g. {info.input_size}",
         )
     return size
-
-
-def n_tiles(image: MicroscopyImage, job: EmbedJob) -> int:
-    size = job.crop_size or 224
-    size = (size,) * len(image.spatial_shape) if np.isscalar(size) else size
-    return int(np.prod([-(-s // t) for s, t in zip(image.spatial_shape, size)]))
 
 
 def cells_per_unit(crop_shape: tuple[int, ...]) -> int:

@@ -63,6 +63,10 @@ def run_embedding(
     ``scheduler``: a dask.distributed scheduler address (or ``"local"`` for a LocalCluster):
     one task per unit, results gathered into the store here. ``per_unit``: cells per unit of
     work (default: what keeps a unit's crops under :data:`UNIT_BYTES`).
+
+    The store's write lock is held while the job runs (a second writer is refused, naming this
+    process); the plan (units and cells) is recorded, so the store says whether it is complete.
+    A run that fails before any unit is complete removes the store if it created it.
     """
     t0 = time.perf_counter()
     job.check()
@@ -83,6 +87,7 @@ def run_embedding(
     own_engine = engine is None and scheduler is None
     if own_engine:
         engine = InferenceEngine(job.engine_config())
+    store = None
     try:
         info = engine.info if engine is not None else remote_model_info(scheduler, job)
         model_3d = len(info.patch_size) == 3
@@ -97,7 +102,7 @@ def run_embedding(
         for i, img in enumerate(images):
             report(progress, i, len(images), "segmenting")
             lab, method = labels_for(store, i, img, job, given[i])
-            planned.append(plan_image(img, job, lab))
+            planned.append(plan_image(img, job, lab, crop_size, tuple(info.patch_size)))
             planned[-1].metadata["segmentation"] = method
         report(progress, len(images), len(images), "segmenting")
         store.set_images([p.info() for p in planned])
@@ -106,6 +111,7 @@ def run_embedding(
                          "patch": n_patches * (n_c if info.channel_agnostic else 1)}  # fmt: skip
         rows_per_cell = {k: v for k, v in rows_per_cell.items() if k in job.levels and v}
         units = plan_units(planned, per_unit, rows_per_cell)
+        store.set_plan(units)
         todo = [u for u in units if not store.unit_complete(u.key)]
         facts = job_facts(job, info, crop_size)
         store.set_facts(facts)
@@ -115,9 +121,15 @@ def run_embedding(
             _run_local(store, planned, todo, engine, job, crop_size, progress, done, total)
         else:
             run_distributed(store, planned, todo, job, crop_size, scheduler, progress, done, total)
+    except BaseException:
+        if store is not None:  # a store this run created, with no unit done, is removed
+            store.close(discard_if_empty=True)
+        raise
     finally:
         if own_engine and engine is not None:
             engine.close()
+        if store is not None:
+            store.close()  # lets go of the write lock
     rows = {lvl: store.n_rows(lvl) for lvl in store.levels()}
     return EmbedResult(store, len(todo), len(units) - len(todo), rows,
                        time.perf_counter() - t0, facts)  # fmt: skip

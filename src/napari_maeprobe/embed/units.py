@@ -75,16 +75,7 @@ def unit_obs(
         out["channel"] = conform(per_channel, "channel", p.metadata)
     if "patch" in levels:
         table = patch_table(crops, info.patch_size, per_channel=info.channel_agnostic,
-                            dataset=img.dataset)  # fmt: skip
-        n_p = len(table) // (n * (n_c if info.channel_agnostic else 1))
-        if info.channel_agnostic:  # patch_table runs channel-major: make it cell-major
-            order = np.arange(len(table)).reshape(n_c, n, n_p).transpose(1, 0, 2).ravel()
-            table = table.iloc[order].reset_index(drop=True)
-            ch_index = pd.Categorical(table["channel"], categories=list(img.channel_names)).codes
-            thr = p.thresholds[ch_index]
-        else:
-            thr = np.full(len(table), p.thresholds[-1])
-        table["foreground"] = table["patch_intensity"].to_numpy(np.float64) > thr
+                            dataset=img.dataset, thresholds=p.thresholds)  # fmt: skip
         out["patch"] = conform(table, "patch", p.metadata)
     return out
 
@@ -113,10 +104,15 @@ def batch_rows(
     return writes
 
 
-def unit_extras(job: EmbedJob, info: ModelInfo, unit: UnitSpec, crop_shape, n_heads_grid):
+def unit_extras(
+    job: EmbedJob, info: ModelInfo, unit: UnitSpec, crop_shape, n_heads_grid
+) -> dict[str, tuple[tuple[int, ...], str]]:
+    """The per-cell arrays of a unit: (shape, dtype) by name."""
     n = len(unit.cell_ids)
     nd = len(info.patch_size)
-    extras = {"origins": ((n, nd), "int64")}
+    # the unit's cells in row order: the key of every per-cell array (crop origin, attention,
+    # mask, reconstruction), whichever levels were embedded
+    extras = {"cell_id": ((n,), "int64"), "origins": ((n, nd), "int64")}
     grid = tuple(s // p for s, p in zip(crop_shape[1:], info.patch_size))
     token_grid = ((crop_shape[0],) if info.channel_agnostic else ()) + grid
     if job.attention:
@@ -152,6 +148,7 @@ def embed_unit(
         if first:
             n_heads = res.attention.shape[1] if res.attention is not None else 0
             yield ("begin", obs, unit_extras(job, info, unit, crops.crops.shape[1:], n_heads))
-            yield ("rows", [("origins", 0, crops.origins.astype(np.int64))])
+            yield ("rows", [("cell_id", 0, np.asarray(crops.cell_ids, dtype=np.int64)),
+                            ("origins", 0, crops.origins.astype(np.int64))])
             first = False
         yield ("rows", batch_rows(res, unit, info, job.levels))

@@ -1,10 +1,13 @@
-"""Export an embedding store to AnnData (``.h5ad``), Parquet or CSV, as docs/contract.md says.
+"""Export the observation table to AnnData (``.h5ad``), Parquet or CSV, as docs/contract.md says.
+
+One function writes every export, the command line's and the explorer's: :func:`write_table`
+takes the AnnData of :mod:`napari_maeprobe.table` (a store's levels, or a selection of rows).
 
 - ``.h5ad``: ``X`` float32 embeddings, ``obs`` with every contract column (NA where missing)
   plus the analysis columns (``leiden``, ``kmeans``, ``analysed``) and user metadata, ``obsm``
-  ``X_pca`` / ``X_umap`` once computed, ``uns["maeprobe"]`` with the model, weights sha256,
-  preprocessing, masking and package version, and ``uns["maeprobe_drivers"]`` with the
-  diagnostics tables.
+  every analysis coordinate at full width (``X_pca``, ``X_umap``), ``uns["maeprobe"]`` with the
+  model, weights sha256, preprocessing, masking, package version and analysis settings,
+  ``uns["maeprobe_drivers"]`` with the diagnostics tables, ``uns[f"{column}_colors"]``.
 - Parquet / CSV: the same ``obs`` columns plus ``e0``, ``e1``, ... (and ``umap_1``/``umap_2``
   when computed).
 
@@ -15,162 +18,73 @@ a killed export leaves no half-written file under the target name.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
-from napari_maeprobe.embed.store import EmbeddingStore, combine_categoricals
 from napari_maeprobe.errors import MaeprobeInputError
 from napari_maeprobe.io.files import atomic_write
+
+if TYPE_CHECKING:
+    import anndata as ad
+
+    from napari_maeprobe.embed.store import EmbeddingStore
 
 FORMATS = ("h5ad", "parquet", "csv")
 
 
-def level_table(
-    store: EmbeddingStore, level: str
-) -> tuple[pd.DataFrame, np.ndarray, dict[str, np.ndarray], dict]:
-    """(obs with analysis columns, X, obsm arrays, analysis attrs) of one level."""
-    obs, X = store.read_level(level)
-    obsm: dict[str, np.ndarray] = {}
-    attrs: dict = {}
-    analysis = store.read_analysis(level)
-    if analysis is not None:
-        arrays, cols, attrs = analysis
-        if len(cols) and len(cols) != len(obs):
-            raise MaeprobeInputError(
-                f"the {level} analysis in {store.path} covers {len(cols)} rows but the level has "
-                f"{len(obs)} (the store changed after `maeprobe analyze`)",
-                f"re-run `maeprobe analyze {store.path}`",
-            )
-        for name in cols.columns:
-            obs[name] = cols[name].to_numpy() if cols[name].dtype != "category" else cols[name]
-        obsm = {k: v for k, v in arrays.items() if k.startswith("X_")}
-    return obs, X, obsm, attrs
-
-
-def _pad(arrays: list[np.ndarray | None], rows: list[int]) -> np.ndarray | None:
-    if all(a is None for a in arrays):
-        return None
-    width = max(a.shape[1] for a in arrays if a is not None)
-    out = []
-    for a, n in zip(arrays, rows):
-        block = np.full((n, width), np.nan, dtype=np.float32)
-        if a is not None:
-            block[:, : a.shape[1]] = a
-        out.append(block)
-    return np.concatenate(out)
-
-
 def _uns_safe(value):
     """Values h5py can store: drop None, lists of scalars as arrays, the rest as JSON text."""
-    import json
-
     if isinstance(value, dict):
         return {str(k): _uns_safe(v) for k, v in value.items() if v is not None}
+    if isinstance(value, pd.DataFrame):
+        return value
     if isinstance(value, (list, tuple)):
         if value and all(isinstance(v, str) for v in value):
             return np.array(value, dtype=object)
         if value and all(isinstance(v, (int, float, bool, np.number)) for v in value):
             return np.asarray(value)
         return json.dumps(value, default=str)
-    if isinstance(value, (str, int, float, bool, np.number)):
+    if isinstance(value, (str, int, float, bool, np.number, np.ndarray)):
         return value
     return str(value)
 
 
-def collect(
-    store: EmbeddingStore, levels: Sequence[str] | None = None
-) -> tuple[pd.DataFrame, np.ndarray, dict[str, np.ndarray], dict]:
-    """The rows of some levels (default: all) stacked: (obs, X, obsm, uns)."""
-    levels = list(levels) if levels else store.levels()
-    frames, xs, obsms, per_level = [], [], [], {}
-    for level in levels:
-        obs, X, obsm, attrs = level_table(store, level)
-        frames.append(obs)
-        xs.append(X)
-        obsms.append(obsm)
-        per_level[level] = attrs
-    obs = combine_categoricals(frames) if len(frames) > 1 else frames[0]
-    X = np.concatenate(xs).astype(np.float32)
-    rows = [len(f) for f in frames]
-    keys = sorted({k for m in obsms for k in m})
-    obsm = {k: _pad([m.get(k) for m in obsms], rows) for k in keys}
-    obs.index = [f"{lvl[0]}{i}" for lvl, n in zip(levels, rows) for i in range(n)]
-    for col in ("leiden", "kmeans"):
-        if col in obs and not isinstance(obs[col].dtype, pd.CategoricalDtype):
-            obs[col] = obs[col].astype("string").astype("category")
-    uns = {
-        "maeprobe": {
-            **store.facts,
-            "signature": store.signature.get("params", {}),
-            "inputs": [i.get("name") for i in store.signature.get("inputs", [])],
-            "levels": levels,
-            "analysis": {
-                lvl: {k: v for k, v in a.items() if k != "drivers"}
-                for lvl, a in per_level.items()
-                if a
-            },  # fmt: skip
-        },
-    }
-    drivers = {lvl: a["drivers"] for lvl, a in per_level.items() if a and a.get("drivers")}
-    if drivers:
-        uns["maeprobe_drivers"] = drivers
-    return obs, X, obsm, uns
+def for_h5ad(adata: ad.AnnData) -> ad.AnnData:
+    """A copy of the table that h5py can write (uns made safe, X float32, string index)."""
+    out = adata.copy()
+    out.X = np.asarray(out.X, dtype=np.float32)
+    out.obs.index = out.obs.index.astype(str)
+    out.uns = _uns_safe(dict(out.uns))
+    return out
 
 
-def to_anndata(store: EmbeddingStore, levels: Sequence[str] | None = None):
-    """The store (some levels, default all) as an AnnData object (see the module docstring)."""
-    return make_anndata(*collect(store, levels))
+def flat_table(adata: ad.AnnData) -> pd.DataFrame:
+    """The rows as one flat table: obs columns, ``umap_1``/``umap_2``, ``e0``, ``e1``, ..."""
+    table = adata.obs.reset_index(drop=True).copy()
+    if "X_umap" in adata.obsm:
+        umap = np.asarray(adata.obsm["X_umap"])
+        table["umap_1"], table["umap_2"] = umap[:, 0], umap[:, 1]
+    X = np.asarray(adata.X, dtype=np.float32)
+    emb = pd.DataFrame(X, columns=[f"e{i}" for i in range(X.shape[1])])
+    return pd.concat([table, emb], axis=1)
 
 
-def make_anndata(obs: pd.DataFrame, X: np.ndarray, obsm: dict, uns: dict):
-    """An AnnData from the pieces :func:`collect` returns (or a selection of their rows)."""
-    import anndata as ad
-
-    from napari_maeprobe.tl.diagnostics import DriversReport
-
-    obs = obs.copy()
-    obs.index = obs.index.astype(str)
-    adata = ad.AnnData(X=np.asarray(X, dtype=np.float32), obs=obs)
-    adata.var_names = [f"e{i}" for i in range(adata.n_vars)]
-    for k, v in obsm.items():
-        adata.obsm[k] = np.asarray(v)
-    adata.uns["maeprobe"] = _uns_safe(uns.get("maeprobe", {}))
-    for level, d in uns.get("maeprobe_drivers", {}).items():
-        drivers = DriversReport.from_dict(d)
-        adata.uns.setdefault("maeprobe_drivers", {})[level] = {
-            "verdict": drivers.verdict,
-            "labels": drivers.labels_name,
-            "table": drivers.table,
-        }
-    return adata
-
-
-def write_rows(
-    obs: pd.DataFrame,
-    X: np.ndarray,
-    obsm: dict[str, np.ndarray],
-    uns: dict,
-    fmt: str,
-    out: str | Path,
-) -> Path:
-    """Write rows (a whole store's or a selection's) as h5ad, parquet or csv, atomically."""
+def write_table(adata: ad.AnnData, fmt: str, out: str | Path) -> Path:
+    """Write a table of rows (a store's levels or a selection) as h5ad, parquet or csv,
+    atomically."""
     if fmt not in FORMATS:
         raise MaeprobeInputError(f"unknown export format {fmt!r}", "use h5ad, parquet or csv")
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "h5ad":
-        adata = make_anndata(obs, X, obsm, uns)
-        atomic_write(out, lambda p: adata.write_h5ad(p))
+        safe = for_h5ad(adata)
+        atomic_write(out, lambda p: safe.write_h5ad(p))
         return out
-    table = obs.reset_index(drop=True)
-    if "X_umap" in obsm:
-        table["umap_1"], table["umap_2"] = obsm["X_umap"][:, 0], obsm["X_umap"][:, 1]
-    emb = pd.DataFrame(np.asarray(X, dtype=np.float32),
-                       columns=[f"e{i}" for i in range(X.shape[1])])  # fmt: skip
-    table = pd.concat([table, emb], axis=1)
+    table = flat_table(adata)
     if fmt == "parquet":
         atomic_write(out, lambda p: table.to_parquet(p, index=False))
     else:
@@ -183,11 +97,28 @@ def export_store(
     fmt: str,
     out: str | Path,
     level: str | Sequence[str] | None = None,
+    allow_incomplete: bool = False,
 ) -> Path:
-    """Write the store (one level, some, or all) to ``out`` as h5ad, parquet or csv, atomically."""
+    """Write the store (one level, some, or all) to ``out`` as h5ad, parquet or csv, atomically.
+
+    An incomplete store (an interrupted ``maeprobe embed``) is refused unless
+    ``allow_incomplete``; ``uns["maeprobe"]`` records ``complete`` and the unit and cell counts."""
+    from napari_maeprobe.embed.store import EmbeddingStore
+    from napari_maeprobe.table import read_levels
+
     if not isinstance(store, EmbeddingStore):
         store = EmbeddingStore(store)
+    state = store.require_complete(allow_incomplete)
     if fmt not in FORMATS:
         raise MaeprobeInputError(f"unknown export format {fmt!r}", "use h5ad, parquet or csv")
     levels = [level] if isinstance(level, str) else level
-    return write_rows(*collect(store, levels), fmt, out)
+    adata = read_levels(store, levels)
+    adata.uns.setdefault("maeprobe", {}).update(state.as_dict())
+    return write_table(adata, fmt, out)
+
+
+def to_anndata(store: EmbeddingStore, levels: Sequence[str] | None = None) -> ad.AnnData:
+    """The store (some levels, default all) as an AnnData (see :mod:`napari_maeprobe.table`)."""
+    from napari_maeprobe.table import read_levels
+
+    return read_levels(store, levels)

@@ -17,7 +17,7 @@ def sample_data_dir() -> Path:
     """The ``sample_data/`` folder: ``$MAEPROBE_SAMPLE_DATA`` or the repository's own."""
     env = os.environ.get("MAEPROBE_SAMPLE_DATA")
     candidates = [Path(env)] if env else []
-    candidates.append(Path(__file__).resolve().parents[2] / "sample_data")
+    candidates.append(Path(__file__).resolve().parents[3] / "sample_data")
     for c in candidates:
         if (c / "README.md").is_file():
             return c

@@ -8,14 +8,24 @@ published architecture facts; no OpenPhenom code is used (it is CC BY-NC).
 
 Our own models (the bundled ``default``) add a light decoder under ``mp_decoder.*`` for masked
 reconstruction; OpenPhenom's own decoder is not loaded.
+
+Options: :class:`CAMAEConfig`. Weights: :func:`checkpoint_filter` maps an OpenPhenom-layout state
+dict (the architecture read from its shapes) or our own safetensors (the config in its
+``maeprobe_config`` metadata) to a config and the state dict :class:`CAMAE` loads strictly.
+This module registers ``ca-mae``; :mod:`.builtin` registers the bundled ``default``.
 """
 
 from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from napari_maeprobe.errors import MaeprobeInputError
 from napari_maeprobe.models.base import MaeprobeModel, ModelOutput, patchify, unpatchify
 from napari_maeprobe.models.layers import (
     Block,
@@ -24,6 +34,66 @@ from napari_maeprobe.models.layers import (
     sincos_1d,
     sincos_2d,
 )
+from napari_maeprobe.models.registry import (
+    ModelSpec,
+    check_choice,
+    check_positive,
+    config_from_metadata,
+    count_blocks,
+    keep_blocks,
+    make_config,
+    register_model,
+    settle_config,
+)
+
+
+@dataclass
+class CAMAEConfig:
+    """Options of a CA-MAE; the defaults are OpenPhenom's CA-MAE-S/16 (encoder only)."""
+
+    input_size: int = 256  # side of the (square) crops, px
+    patch_size: int = 16
+    embed_dim: int = 384
+    depth: int = 12
+    num_heads: int = 6
+    mlp_ratio: float = 4.0
+    max_channels: int = 11  # channels the position table is repeated for
+    block: str = "parallel"  # "parallel" (ParallelScalingBlock, OpenPhenom) or "standard"
+    init_values: float | None = 1e-4  # LayerScale at init; None: no LayerScale
+    legacy_bias: bool = True  # timm < 1.0.25 routing of the parallel block's mlp_bias
+    decoder_embed_dim: int = 96  # our light decoder (mp_decoder.*)
+    decoder_depth: int = 0  # 0: no decoder
+    decoder_num_heads: int = 4
+    decoder_mlp_ratio: float = 4.0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.input_size, (tuple, list)):
+            if len(set(self.input_size)) != 1:
+                raise MaeprobeInputError(
+                    f"CA-MAE takes square crops, input_size={self.input_size!r}",
+                    "pass input_size= one side, e.g. input_size=256",
+                )
+            self.input_size = int(self.input_size[0])
+        check_positive(self, "input_size", "patch_size", "embed_dim", "depth", "num_heads")
+        check_positive(self, "max_channels", "decoder_embed_dim", "decoder_num_heads")
+        check_choice("block", self.block, ("parallel", "standard"))
+        if self.input_size % self.patch_size:
+            raise MaeprobeInputError(
+                f"input_size={self.input_size} is not a multiple of patch_size={self.patch_size}",
+                "pass an input_size that is a multiple of patch_size",
+            )
+        if self.embed_dim % self.num_heads or self.embed_dim % 4:
+            raise MaeprobeInputError(
+                f"embed_dim={self.embed_dim} must be divisible by num_heads={self.num_heads} "
+                "and by 4 (2D sin-cos positions)",
+                "pass embed_dim and num_heads that fit, e.g. embed_dim=384, num_heads=6",
+            )
+        if self.decoder_depth < 0 or self.decoder_embed_dim % self.decoder_num_heads:
+            raise MaeprobeInputError(
+                f"decoder_depth={self.decoder_depth}, decoder_embed_dim="
+                f"{self.decoder_embed_dim}, decoder_num_heads={self.decoder_num_heads} do not fit",
+                "pass decoder_depth >= 0 and a decoder_embed_dim divisible by decoder_num_heads",
+            )
 
 
 def self_standardize(x: torch.Tensor, eps: float = 1e-5) -> tuple[torch.Tensor, ...]:
@@ -42,34 +112,24 @@ def self_standardize(x: torch.Tensor, eps: float = 1e-5) -> tuple[torch.Tensor, 
 class ChannelAgnosticViT(nn.Module):
     """The encoder backbone; attribute names match ``encoder.vit_backbone.*`` of OpenPhenom."""
 
-    def __init__(
-        self,
-        img_size: int = 256,
-        patch_size: int = 16,
-        embed_dim: int = 384,
-        depth: int = 12,
-        num_heads: int = 6,
-        mlp_ratio: float = 4.0,
-        max_channels: int = 11,
-        block: str = "parallel",
-        init_values: float | None = 1e-4,
-        legacy_bias: bool = True,
-    ) -> None:
+    def __init__(self, cfg: CAMAEConfig) -> None:
         super().__init__()
-        self.img_size = img_size
-        self.patch = patch_size
-        self.grid = img_size // patch_size
+        embed_dim, depth, num_heads = cfg.embed_dim, cfg.depth, cfg.num_heads
+        mlp_ratio, init_values, max_channels = cfg.mlp_ratio, cfg.init_values, cfg.max_channels
+        self.input_size = cfg.input_size
+        self.patch = cfg.patch_size
+        self.grid = cfg.input_size // cfg.patch_size
         self.max_channels = max_channels
         self.patch_embed = nn.Module()
-        self.patch_embed.proj = nn.Conv2d(1, embed_dim, patch_size, patch_size)
+        self.patch_embed.proj = nn.Conv2d(1, embed_dim, self.patch, self.patch)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         table = sincos_2d(embed_dim, (self.grid, self.grid)).repeat(max_channels, 1)
         pos = torch.cat([torch.zeros(1, embed_dim), table])[None]
         self.pos_embed = nn.Parameter(pos, requires_grad=False)
-        if block == "parallel":
+        if cfg.block == "parallel":
             blocks = [
                 ParallelScalingBlock(
-                    embed_dim, num_heads, mlp_ratio, True, init_values, legacy_bias
+                    embed_dim, num_heads, mlp_ratio, True, init_values, cfg.legacy_bias
                 )
                 for _ in range(depth)
             ]
@@ -83,9 +143,9 @@ class ChannelAgnosticViT(nn.Module):
 
 
 class CAMAEEncoder(nn.Module):
-    def __init__(self, **kwargs) -> None:
+    def __init__(self, cfg: CAMAEConfig) -> None:
         super().__init__()
-        self.vit_backbone = ChannelAgnosticViT(**kwargs)
+        self.vit_backbone = ChannelAgnosticViT(cfg)
 
 
 class CAMAEDecoder(nn.Module):
@@ -94,7 +154,15 @@ class CAMAEDecoder(nn.Module):
     a linear head to the pixels of one patch of one channel."""
 
     def __init__(
-        self, embed_dim: int, dim: int, depth: int, heads: int, patch: int, grid: int, slots: int
+        self,
+        embed_dim: int,
+        dim: int,
+        depth: int,
+        heads: int,
+        patch: int,
+        grid: int,
+        slots: int,
+        mlp_ratio: float = 4.0,
     ) -> None:
         super().__init__()
         self.proj = nn.Linear(embed_dim, dim)
@@ -103,7 +171,7 @@ class CAMAEDecoder(nn.Module):
         slot = sincos_1d(dim, torch.arange(slots, dtype=torch.float64) * 7.0)
         self.register_buffer("spatial_pos", spatial, persistent=False)
         self.register_buffer("slot_pos", slot, persistent=False)
-        self.blocks = nn.ModuleList([Block(dim, heads, 4.0, True) for _ in range(depth)])
+        self.blocks = nn.ModuleList([Block(dim, heads, mlp_ratio, True) for _ in range(depth)])
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.pred = nn.Linear(dim, patch * patch)
         nn.init.normal_(self.mask_token, std=0.02)
@@ -122,29 +190,33 @@ class CAMAEDecoder(nn.Module):
 
 
 class CAMAE(MaeprobeModel):
-    """Channel-agnostic MAE: 1 to ``max_channels`` channels at ``img_size`` x ``img_size``.
+    """Channel-agnostic MAE: 1 to ``max_channels`` channels at ``input_size`` x ``input_size``.
 
-    ``backbone`` keywords are those of :class:`ChannelAgnosticViT` (its defaults: OpenPhenom's
-    ViT-S/16 at 256); ``decoder`` (``dict(dim, depth, heads)``) adds our light decoder.
+    Built from a :class:`CAMAEConfig` (default: OpenPhenom's ViT-S/16 at 256, no decoder) and/or
+    its options as keywords; ``decoder_depth > 0`` adds our light decoder.
     """
 
     channel_agnostic = True
 
-    def __init__(self, decoder: dict | None = None, **backbone) -> None:
+    def __init__(self, config: CAMAEConfig | None = None, **options) -> None:
         super().__init__()
-        self.encoder = CAMAEEncoder(**backbone)
+        cfg = config if config is not None else CAMAEConfig()
+        if options:
+            cfg = make_config(type(cfg), {**dataclasses.asdict(cfg), **options})
+        self.config = cfg
+        self.encoder = CAMAEEncoder(cfg)
         vit = self.encoder.vit_backbone
         self.patch_size = (vit.patch, vit.patch)
-        self.embed_dim = int(vit.cls_token.shape[-1])
-        self.img_size = vit.img_size
-        self.config = dict(backbone, decoder=decoder)
+        self.embed_dim = cfg.embed_dim
+        self.input_size = (cfg.input_size, cfg.input_size)
         self.mp_decoder = (
-            CAMAEDecoder(self.embed_dim, decoder["dim"], decoder["depth"], decoder["heads"],
-                         vit.patch, vit.grid, vit.max_channels)
-            if decoder
+            CAMAEDecoder(self.embed_dim, cfg.decoder_embed_dim, cfg.decoder_depth,
+                         cfg.decoder_num_heads, vit.patch, vit.grid, vit.max_channels,
+                         cfg.decoder_mlp_ratio)
+            if cfg.decoder_depth
             else None
         )  # fmt: skip
-        self.has_decoder = decoder is not None
+        self.has_decoder = self.mp_decoder is not None
 
     @property
     def backbone(self) -> ChannelAgnosticViT:
@@ -160,15 +232,22 @@ class CAMAE(MaeprobeModel):
 
     def _check(self, x: torch.Tensor) -> None:
         vit = self.backbone
+        s = vit.input_size
         if x.ndim != 4:
-            raise ValueError(f"CA-MAE takes (B, C, Y, X) crops, got shape {tuple(x.shape)}")
-        if x.shape[-2:] != (vit.img_size, vit.img_size):
-            raise ValueError(
-                f"CA-MAE takes {vit.img_size}x{vit.img_size} crops, got {tuple(x.shape[-2:])}: "
-                "tile larger images"
+            raise MaeprobeInputError(
+                f"CA-MAE takes 2D crops (B, C, Y, X), got shape {tuple(x.shape)}",
+                "project z-stacks to 2D first (--z max)",
+            )
+        if x.shape[-2:] != (s, s):
+            raise MaeprobeInputError(
+                f"CA-MAE takes {s}x{s} crops, got {tuple(x.shape[-2:])}",
+                f"crop or tile to {s}x{s} (--crop-size {s})",
             )
         if not 1 <= x.shape[1] <= vit.max_channels:
-            raise ValueError(f"CA-MAE takes 1 to {vit.max_channels} channels, got {x.shape[1]}")
+            raise MaeprobeInputError(
+                f"CA-MAE takes 1 to {vit.max_channels} channels, got {x.shape[1]}",
+                f"keep at most {vit.max_channels} channels (--channels NAME,...)",
+            )
 
     def forward(
         self,
@@ -231,7 +310,10 @@ class CAMAE(MaeprobeModel):
     ) -> torch.Tensor:
         """Decoder output (B, C, L, p*p) in standardised intensity."""
         if self.mp_decoder is None:
-            raise ValueError("this CA-MAE has no decoder: reconstructions are not available")
+            raise MaeprobeInputError(
+                "this CA-MAE has no decoder: reconstructions are not available",
+                "embed without reconstructions, or use a model with a decoder (--model default)",
+            )
         b = visible.shape[0]
         return self.mp_decoder(visible, flat_mask.reshape(b, c, -1))
 
@@ -278,3 +360,138 @@ class CAMAE(MaeprobeModel):
             )
             loss = (1 - fft_weight) * mse + fft_weight * fft
         return loss, {"mse": float(mse.detach()), "fft": float(fft.detach())}
+
+
+# --------------------------------------------------------------------------------------------
+# weights
+
+_BACKBONE = "encoder.vit_backbone."
+#: option names of older files' metadata
+_RENAMES = {"img_size": "input_size", "heads": "num_heads"}
+#: options the weights do not decide
+_FREE = ("legacy_bias",)
+
+
+def _upgrade_metadata(values: dict) -> dict:
+    """Older ``maeprobe_config`` metadata: ``decoder=dict(dim, depth, heads)`` or None."""
+    if "decoder" in values:
+        dec = values.pop("decoder")
+        if dec:
+            values.update(
+                decoder_embed_dim=dec["dim"], decoder_depth=dec["depth"],
+                decoder_num_heads=dec["heads"],
+            )  # fmt: skip
+        else:
+            values["decoder_depth"] = 0
+    return values
+
+
+def _sincos_side(table: torch.Tensor) -> int | None:
+    """The side (in patches) of the 2D sin-cos grid a CA-MAE position table repeats per
+    channel (``[sin h | cos h | sin w | cos w]``, or with the halves swapped as MAE's code
+    writes it), or None when the table is neither (the crop size then comes from the options)."""
+    t = table.reshape(-1, table.shape[-1])[1:].double()  # row 0: the CLS
+    n, dim = t.shape
+    if dim % 4:
+        return None
+    half = dim // 2
+    for side in range(math.isqrt(n), 1, -1):
+        if n % (side * side) == 0:
+            ref = sincos_2d(dim, (side, side)).double()
+            swapped = torch.cat([ref[:, half:], ref[:, :half]], dim=1)
+            rows = t[: side * side]
+            if torch.allclose(rows, ref, atol=1e-3) or torch.allclose(rows, swapped, atol=1e-3):
+                return side
+    return None
+
+
+def checkpoint_filter(
+    state: dict, metadata: dict | None = None, config_cls: type = CAMAEConfig, **options
+) -> tuple[CAMAEConfig, dict]:
+    """A CA-MAE state dict -> ``(config, state)`` that :class:`CAMAE` loads strictly.
+
+    - Our own safetensors (``maeprobe_config`` in the metadata, as :mod:`.training` writes):
+      the config from the metadata (older option names mapped), every key kept.
+    - OpenPhenom's layout (``encoder.vit_backbone.*``, ParallelScalingBlock or standard blocks):
+      the architecture from the shapes (width, depth, patch, MLP ratio, heads from the q/k-norm
+      width, LayerScale, block type; the crop size and channel slots from the sin-cos position
+      table), the ``encoder.*`` keys kept; OpenPhenom's own decoder keys are dropped.
+
+    ``options`` may restate what the weights decide; ``depth`` below the checkpoint's keeps the
+    first blocks (and drops our decoder), ``decoder_depth=0`` drops it; ``legacy_bias`` is free.
+    """
+    found = config_from_metadata(config_cls, metadata, _RENAMES, _upgrade_metadata)
+    if found is None:
+        found, state = _openphenom_config(state, config_cls, options)
+    found["depth"] = count_blocks(state, _BACKBONE + "blocks.")
+    state = keep_blocks(
+        state, found, options, _BACKBONE + "blocks.", lambda k: k.startswith("mp_decoder.")
+    )
+    # heads are in the weights only through the parallel block's q/k norms
+    free = _FREE + (("num_heads",) if found.get("block") == "standard" else ())
+    return settle_config(config_cls, found, options, free=free), state
+
+
+def _openphenom_config(state: dict, config_cls: type, options: dict) -> tuple[dict, dict]:
+    """The architecture of an OpenPhenom-layout state dict, and its encoder keys."""
+    need = _BACKBONE + "patch_embed.proj.weight"
+    if need not in state or _BACKBONE + "pos_embed" not in state:
+        raise MaeprobeInputError(
+            f"not a CA-MAE checkpoint: no {need} (it has e.g. {', '.join(list(state)[:3])})",
+            "pass OpenPhenom's model.safetensors or a file saved by maeprobe train (--weights)",
+        )
+    defaults = config_cls()
+    state = {k: v for k, v in state.items() if k.startswith("encoder.")}
+    w = state[need]
+    dim, patch = int(w.shape[0]), int(w.shape[-1])
+    b0 = _BACKBONE + "blocks.0."
+    found: dict = dict(embed_dim=dim, patch_size=patch)
+    if b0 + "in_proj.weight" in state:
+        found["block"] = "parallel"
+        found["num_heads"] = dim // int(state[b0 + "q_norm.weight"].shape[0])
+        found["mlp_ratio"] = int(state[b0 + "mlp_out_proj.weight"].shape[1]) / dim
+        has_ls = b0 + "ls.gamma" in state
+    elif b0 + "mlp.fc1.weight" in state:
+        found["block"] = "standard"  # heads are not stored: the option, else head width 64
+        if "num_heads" not in options:
+            found["num_heads"] = max(1, dim // 64)
+        found["mlp_ratio"] = int(state[b0 + "mlp.fc1.weight"].shape[0]) / dim
+        has_ls = b0 + "ls1.gamma" in state
+    else:
+        raise MaeprobeInputError(
+            f"not a CA-MAE checkpoint: no {b0}in_proj.weight or {b0}mlp.fc1.weight",
+            "pass OpenPhenom's model.safetensors or a file saved by maeprobe train (--weights)",
+        )
+    ls_init = options.get("init_values") or defaults.init_values or 1e-4
+    found["init_values"] = ls_init if has_ls else None
+    table = state[_BACKBONE + "pos_embed"]
+    n_pos = int(table.shape[1]) - 1
+    side = _sincos_side(table)
+    if side is not None:
+        found["input_size"] = side * patch
+    else:  # not our sin-cos layout: trust the option (or the default crop size)
+        side = int(options.get("input_size", defaults.input_size)) // patch
+    if side < 1 or n_pos % (side * side):
+        raise MaeprobeInputError(
+            f"the position table of {n_pos} patches does not fit crops of {side * patch} px",
+            "pass the crop size the weights were trained at, e.g. input_size=256",
+        )
+    found["max_channels"] = n_pos // (side * side)
+    return found, state
+
+
+register_model(
+    ModelSpec(
+        name="ca-mae",
+        summary="channel-agnostic MAE; loads Recursion's OpenPhenom (CA-MAE-S/16) weights",
+        channels="1-11",
+        input_size="256x256",
+        embed_dim=384,
+        licence="OpenPhenom weights: Recursion non-commercial EULA (not bundled)",
+        config=CAMAEConfig,
+        model=CAMAE,
+        checkpoint_filter=checkpoint_filter,
+        hub=("recursionpharma/OpenPhenom", "model.safetensors"),
+        weights_hint="OpenPhenom model.safetensors from the Hugging Face hub",
+    )
+)

@@ -13,7 +13,14 @@ Checkpoint layouts that load:
   which is our own internal layout. A missing ``mask_token`` is taken as zeros.
 
 The SwiGLU MLP of DINOv2-giant and the register tokens of the "with registers" variant are not
-supported. Heads default to head dim 64 (true for every published size); ``heads=`` overrides.
+supported. Heads default to head dim 64 (true for every published size); ``num_heads=``
+overrides.
+
+**Options** (:class:`DINOv2Config`): the shared ``input_size`` (the crop size the pipeline uses;
+any multiple of the patch works), ``patch_size``, ``embed_dim``, ``depth``, ``num_heads``,
+``mlp_ratio``, and ``pos_embed_size`` (the side in px of the learned position table: 518 for
+the hub weights), ``init_values`` (LayerScale), ``eps`` and ``pool``.
+:func:`checkpoint_filter` maps the layouts above to a config and our key names.
 
 **Architecture** (as transformers): patch 14, pre-norm blocks with LayerScale, LayerNorm eps
 1e-6, exact GELU, a final LayerNorm. The learned position table (518 px = 37 x 37 for the hub
@@ -47,16 +54,28 @@ Weights: Apache-2.0.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from napari_maeprobe.errors import MaeprobeInputError
 from napari_maeprobe.models.base import MaeprobeModel, ModelOutput
 from napari_maeprobe.models.layers import init_weights
-from napari_maeprobe.models.registry import ModelSpec, load_strict, register_model
+from napari_maeprobe.models.registry import (
+    ModelSpec,
+    check_choice,
+    check_positive,
+    count_blocks,
+    keep_blocks,
+    make_config,
+    register_model,
+    settle_config,
+)
 from napari_maeprobe.models.vitmae import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -68,34 +87,61 @@ from napari_maeprobe.models.vitmae import (
 _POOLS = ("cls", "mean")
 
 
+@dataclass
+class DINOv2Config:
+    """Options of DINOv2; the defaults are ViT-B/14 with the hub weights' 518-px table."""
+
+    input_size: int = 224  # the crop size the pipeline uses (any multiple of patch_size works)
+    patch_size: int = 14
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    pos_embed_size: int = 518  # side (px) of the learned position table, resized to the crop
+    init_values: float | None = 1.0  # LayerScale; None: none
+    eps: float = 1e-6
+    pool: str = "cls"  # per-channel embedding: "cls" (pooler output) or "mean" of the patches
+
+    def __post_init__(self) -> None:
+        if isinstance(self.input_size, (tuple, list)):
+            if len(set(self.input_size)) != 1:
+                raise MaeprobeInputError(
+                    f"input_size={self.input_size!r}: the default crop is square",
+                    "pass input_size= one side (other crops still work: --crop-size)",
+                )
+            self.input_size = int(self.input_size[0])
+        check_positive(self, "input_size", "patch_size", "embed_dim", "depth", "num_heads")
+        check_positive(self, "pos_embed_size")
+        check_choice("pool", self.pool, _POOLS)
+        for name in ("input_size", "pos_embed_size"):
+            if getattr(self, name) % self.patch_size:
+                raise MaeprobeInputError(
+                    f"{name}={getattr(self, name)} is not a multiple of "
+                    f"patch_size={self.patch_size}",
+                    f"pass a {name} that is a multiple of patch_size",
+                )
+
+
 class DINOv2(MaeprobeModel):
-    """DINOv2 ViT run on each channel as a grey image; timm / original parameter names."""
+    """DINOv2 ViT run on each channel as a grey image; timm / original parameter names.
+
+    Built from a :class:`DINOv2Config` and/or its options as keywords."""
 
     channel_agnostic = True
     has_decoder = False
 
-    def __init__(
-        self,
-        patch_size: int = 14,
-        embed_dim: int = 768,
-        depth: int = 12,
-        heads: int = 12,
-        mlp_dim: int = 3072,
-        pos_grid: int = 37,
-        init_values: float = 1.0,
-        eps: float = 1e-6,
-        pool: str = "cls",
-    ) -> None:
+    def __init__(self, config: DINOv2Config | None = None, **options) -> None:
         super().__init__()
-        if pool not in _POOLS:
-            raise ValueError(f"pool must be one of {_POOLS}, got {pool!r}")
+        cfg = config if config is not None else DINOv2Config()
+        if options:
+            cfg = make_config(type(cfg), {**dataclasses.asdict(cfg), **options})
+        self.config = cfg
+        patch_size, embed_dim, eps = cfg.patch_size, cfg.embed_dim, cfg.eps
+        pos_grid = cfg.pos_embed_size // patch_size
         self.patch_size = (patch_size, patch_size)
         self.embed_dim = embed_dim
-        self.pool = pool
-        self.config = dict(
-            patch_size=patch_size, embed_dim=embed_dim, depth=depth, heads=heads,
-            mlp_dim=mlp_dim, pos_grid=pos_grid, init_values=init_values, eps=eps, pool=pool,
-        )  # fmt: skip
+        self.input_size = (cfg.input_size, cfg.input_size)
+        self.pool = cfg.pool
         self.register_buffer("pix_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), False)
         self.register_buffer("pix_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), False)
         self.patch_embed = nn.Module()
@@ -103,8 +149,12 @@ class DINOv2(MaeprobeModel):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.mask_token = nn.Parameter(torch.zeros(1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + pos_grid * pos_grid, embed_dim))
+        mlp_dim = round(embed_dim * cfg.mlp_ratio)
         self.blocks = nn.ModuleList(
-            [make_block(embed_dim, heads, mlp_dim, eps, init_values) for _ in range(depth)]
+            [
+                make_block(embed_dim, cfg.num_heads, mlp_dim, eps, cfg.init_values)
+                for _ in range(cfg.depth)
+            ]
         )
         self.norm = nn.LayerNorm(embed_dim, eps=eps)
 
@@ -140,8 +190,16 @@ class DINOv2(MaeprobeModel):
         """``(tokens (B*C, 1 + L, D) after the final norm, last-layer attention probabilities
         (B*C, heads, 1 + L, 1 + L) or None, flat mask (B*C, L) or None)``."""
         if x.ndim != 4:
-            raise ValueError(f"DINOv2 takes (B, C, Y, X) crops, got shape {tuple(x.shape)}")
-        grid = self.token_grid(tuple(x.shape[1:]))  # (C, gy, gx); raises unless multiples of 14
+            raise MaeprobeInputError(
+                f"DINOv2 takes 2D crops (B, C, Y, X), got shape {tuple(x.shape)}",
+                "project z-stacks to 2D first (--z max)",
+            )
+        if any(s % p for s, p in zip(x.shape[2:], self.patch_size)):
+            raise MaeprobeInputError(
+                f"crop size {tuple(x.shape[2:])} is not a multiple of the patch {self.patch_size}",
+                f"use a crop size that is a multiple of {self.patch_size[0]} (--crop-size)",
+            )
+        grid = self.token_grid(tuple(x.shape[1:]))  # (C, gy, gx)
         b, c = x.shape[:2]
         proj = self.patch_embed.proj
         tok = proj(self.normalize(x).to(proj.weight.dtype)).flatten(2).transpose(1, 2)
@@ -167,7 +225,10 @@ class DINOv2(MaeprobeModel):
         reconstruction: bool = False,
     ) -> ModelOutput:
         if reconstruction:
-            raise ValueError("DINOv2 has no decoder: reconstructions are not available")
+            raise MaeprobeInputError(
+                "DINOv2 has no decoder: reconstructions are not available",
+                "embed without reconstructions, or use a model with a decoder (--model default)",
+            )
         h, probs, flat = self.encode(x, mask, attention)
         b, c = x.shape[:2]
         grid = self.token_grid(tuple(x.shape[1:]))
@@ -216,9 +277,15 @@ def dinov2_to_internal(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     """A Hugging Face or original/timm DINOv2 state dict -> our key names."""
     state = {k.removeprefix("dinov2."): v for k, v in state.items() if not _IGNORED.match(k)}
     if any(("weights_in" in k or "w12" in k) for k in state):
-        raise ValueError("SwiGLU DINOv2 (giant) checkpoints are not supported")
+        raise MaeprobeInputError(
+            "SwiGLU DINOv2 (giant) checkpoints are not supported",
+            "pass facebook/dinov2-small, -base or -large weights (--weights)",
+        )
     if any("register" in k for k in state):
-        raise ValueError("DINOv2 with registers is not supported")
+        raise MaeprobeInputError(
+            "DINOv2 with registers is not supported",
+            "pass weights of DINOv2 without registers, e.g. facebook/dinov2-base (--weights)",
+        )
     if "embeddings.patch_embeddings.projection.weight" in state:
         out: dict[str, torch.Tensor] = {}
         used = convert_hf_layers(state, _HF_LAYERS, out)
@@ -228,13 +295,17 @@ def dinov2_to_internal(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
                 used.add(key)
         unknown = sorted(set(state) - used)
         if unknown:
-            raise KeyError(f"unexpected keys in a DINOv2 checkpoint: {unknown[:5]}")
+            raise MaeprobeInputError(
+                f"unexpected keys in a DINOv2 checkpoint: {unknown[:5]}",
+                "pass a Hugging Face Dinov2Model or an original / timm DINOv2 file (--weights)",
+            )
     elif "patch_embed.proj.weight" in state:
         out = dict(state)
     else:
-        raise KeyError(
+        raise MaeprobeInputError(
             "not a DINOv2 checkpoint: neither embeddings.patch_embeddings.projection.weight "
-            "(Hugging Face) nor patch_embed.proj.weight (original / timm) is in it"
+            "(Hugging Face) nor patch_embed.proj.weight (original / timm) is in it",
+            "pass facebook/dinov2-base's model.safetensors or an original / timm file (--weights)",
         )
     if "mask_token" not in out:
         out["mask_token"] = torch.zeros(1, out["cls_token"].shape[-1])
@@ -242,41 +313,42 @@ def dinov2_to_internal(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     return out
 
 
-def build_dinov2(
-    state: dict | None, metadata: dict, heads: int | None = None, pool: str = "cls", **arch
-) -> DINOv2:
-    """DINOv2 from a checkpoint, or the ViT-B/14 architecture with random weights
-    (``state=None``; ``arch`` may then shrink it: ``patch_size``, ``hidden_size``, ``depth``,
-    ``mlp_dim``, ``pos_grid``; with a checkpoint these are read from its shapes and ignored)."""
-    # any channel count and any multiple of 14 work: accepted for symmetry with vit-mae, unused
-    arch.pop("in_chans", None)
-    arch.pop("img_size", None)
-    known = {"patch_size", "hidden_size", "depth", "mlp_dim", "pos_grid", "init_values"}
-    bad = set(arch) - known
-    if bad:
-        raise ValueError(f"unknown DINOv2 options {sorted(bad)}")
-    if state is None:
-        dim = arch.pop("hidden_size", 768)
-        arch.setdefault("mlp_dim", 4 * dim)
-        model = DINOv2(embed_dim=dim, heads=heads or max(1, dim // 64), pool=pool, **arch)
-        model.reset_parameters()
-        return model
+def checkpoint_filter(
+    state: dict, metadata: dict | None = None, **options
+) -> tuple[DINOv2Config, dict]:
+    """A Hugging Face or original / timm DINOv2 state dict -> ``(config, state)``.
+
+    The weights decide ``patch_size``, ``embed_dim``, ``depth``, ``mlp_ratio``,
+    ``pos_embed_size`` and whether there is LayerScale (an option restating them must agree;
+    ``depth`` below the checkpoint's keeps its first blocks). Free: ``num_heads`` (not stored;
+    default head width 64), ``input_size``, ``init_values`` (the weights replace it), ``eps``
+    and ``pool``.
+    """
     sd = dinov2_to_internal(state)
     w = sd["patch_embed.proj.weight"]
     dim, patch = int(w.shape[0]), int(w.shape[-1])
     if w.shape[1] != 3:
-        raise ValueError(f"expected an RGB patch projection, got {int(w.shape[1])} channels")
+        raise MaeprobeInputError(
+            f"expected an RGB patch projection, got {int(w.shape[1])} channels",
+            "pass DINOv2 weights trained on RGB images (--weights)",
+        )
     n_pos = int(sd["pos_embed"].shape[1]) - 1
     side = math.isqrt(n_pos)
     if side * side != n_pos:
-        raise ValueError(f"the position table of {n_pos} patches is not square")
-    depth = len({int(k.split(".")[1]) for k in sd if k.startswith("blocks.")})
-    model = DINOv2(
-        patch_size=patch, embed_dim=dim, depth=depth, heads=heads or max(1, dim // 64),
-        mlp_dim=int(sd["blocks.0.mlp.fc1.weight"].shape[0]), pos_grid=side, pool=pool,
+        raise MaeprobeInputError(
+            f"the position table of {n_pos} patches is not square",
+            "pass a DINOv2 checkpoint with a square position table (--weights)",
+        )
+    has_ls = "blocks.0.ls1.gamma" in sd
+    found: dict = dict(
+        patch_size=patch, embed_dim=dim, depth=count_blocks(sd, "blocks."),
+        mlp_ratio=int(sd["blocks.0.mlp.fc1.weight"].shape[0]) / dim, pos_embed_size=side * patch,
+        init_values=(options.get("init_values") or 1.0) if has_ls else None,
     )  # fmt: skip
-    load_strict(model, sd)
-    return model
+    if "num_heads" not in options:
+        found["num_heads"] = max(1, dim // 64)
+    sd = keep_blocks(sd, found, options, "blocks.")
+    return settle_config(DINOv2Config, found, options, free=("input_size", "eps", "pool")), sd
 
 
 register_model(
@@ -287,7 +359,9 @@ register_model(
         input_size="224x224 (any multiple of 14)",
         embed_dim=768,
         licence="Apache-2.0",
-        build=build_dinov2,
+        config=DINOv2Config,
+        model=DINOv2,
+        checkpoint_filter=checkpoint_filter,
         hub=("facebook/dinov2-base", "model.safetensors"),
         weights_hint="facebook/dinov2-base model.safetensors (or an original/timm ViT-B/14 file)",
         has_decoder=False,

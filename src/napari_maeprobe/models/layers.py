@@ -91,7 +91,7 @@ class Block(nn.Module):
         self.attn = Attention(dim, num_heads, qkv_bias, qk_norm)
         self.ls1 = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=eps)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.mlp = Mlp(dim, round(dim * mlp_ratio))
         self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
 
     def forward(self, x: torch.Tensor, need_weights: bool = False):
@@ -125,7 +125,7 @@ class ParallelScalingBlock(nn.Module):
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.dim = dim
-        self.mlp_hidden = int(dim * mlp_ratio)
+        self.mlp_hidden = round(dim * mlp_ratio)
         self.legacy_bias = legacy_bias
         self.in_norm = nn.LayerNorm(dim, eps=eps)
         self.in_proj = nn.Linear(dim, self.mlp_hidden + 3 * dim, bias=False)

@@ -86,13 +86,19 @@ cross-attention a block simply has no ``norm2``/``cross_attn`` keys (the MLP kee
 without a decoder (``decoder_depth=0``) there are no ``decoder_*``, ``encoder_to_decoder`` or
 ``mask_tokens`` keys. Loading is strict: a missing or unexpected key, or a wrong shape, fails.
 The number of heads cannot be read from the weights: 6 (all mae3d-opencell configs) unless
-``num_heads``/``decoder_heads`` are given. All LayerNorms use eps 1e-6.
+``num_heads``/``decoder_num_heads`` are given. All LayerNorms use eps 1e-6.
+
+Options: :class:`MAE3DConfig` (the shared ``input_size``, ``patch_size``, ``embed_dim``,
+``depth``, ``num_heads``, ``mlp_ratio``, the ``decoder_*`` ones, ``in_chans``,
+``cross_attention``, ``pooling``, ``channel_pool``). :func:`checkpoint_filter` maps a
+mae3d-opencell checkpoint or our own safetensors to a config and the state dict.
 """
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -101,7 +107,17 @@ from torch import nn
 from napari_maeprobe.errors import MaeprobeInputError
 from napari_maeprobe.models.base import MaeprobeModel, ModelOutput, patchify, unpatchify
 from napari_maeprobe.models.layers import Mlp, attention
-from napari_maeprobe.models.registry import ModelSpec, load_strict, register_model
+from napari_maeprobe.models.registry import (
+    ModelSpec,
+    check_choice,
+    check_positive,
+    config_from_metadata,
+    count_blocks,
+    keep_blocks,
+    make_config,
+    register_model,
+    settle_config,
+)
 
 DEFAULT_PATCH = (10, 8, 8)
 DEFAULT_INPUT = (100, 176, 176)
@@ -268,7 +284,7 @@ class StreamBlock(nn.Module):
         else:
             self.norm2 = self.cross_attn = None
         self.norm3 = nn.LayerNorm(dim, eps=LN_EPS)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.mlp = Mlp(dim, round(dim * mlp_ratio))
 
     def forward(self, x: torch.Tensor, other: torch.Tensor | None, cls_weights: bool = False):
         y, probs = self.self_attn(self.norm1(x), cls_weights)
@@ -312,55 +328,89 @@ class MultiStreamBlock(nn.Module):
 # --------------------------------------------------------------------------- model
 
 
+@dataclass
+class MAE3DConfig:
+    """Options of an :class:`MAE3D`; the defaults are mae3d-opencell's cross-attention model."""
+
+    in_chans: int = 2  # channel streams
+    patch_size: tuple[int, int, int] = DEFAULT_PATCH  # (Z, Y, X)
+    input_size: tuple[int, int, int] = DEFAULT_INPUT  # (Z, Y, X): the native grid
+    embed_dim: int = 384
+    depth: int = 6
+    num_heads: int = 6
+    mlp_ratio: float = 4.0
+    decoder_embed_dim: int = 192
+    decoder_depth: int = 4  # 0: no decoder
+    decoder_num_heads: int = 6
+    decoder_mlp_ratio: float | None = None  # None: mlp_ratio
+    cross_attention: bool | None = None  # None: with 2 or more channels
+    pooling: str = "mean"  # per-channel embedding: "mean" of the visible patches or "cls"
+    channel_pool: str = "mean"  # global embedding: "mean" over channels or "concat"
+
+    def __post_init__(self) -> None:
+        for name in ("patch_size", "input_size"):
+            value = getattr(self, name)
+            value = (value,) * 3 if isinstance(value, int) else tuple(value)
+            if len(value) != 3:
+                raise MaeprobeInputError(
+                    f"{name}={getattr(self, name)!r} is not (Z, Y, X)",
+                    f"pass {name}=(z, y, x), e.g. "
+                    f"{name}={DEFAULT_PATCH if name == 'patch_size' else DEFAULT_INPUT}",
+                )
+            setattr(self, name, value)
+        check_positive(self, "in_chans", "patch_size", "input_size", "embed_dim", "depth")
+        check_positive(self, "num_heads", "decoder_embed_dim", "decoder_num_heads")
+        check_choice("pooling", self.pooling, ("mean", "cls"))
+        check_choice("channel_pool", self.channel_pool, ("mean", "concat"))
+        if any(s % p for s, p in zip(self.input_size, self.patch_size)):
+            raise MaeprobeInputError(
+                f"input_size={self.input_size} is not a multiple of patch_size={self.patch_size}",
+                "pass an input_size that is a multiple of patch_size",
+            )
+        if self.cross_attention is None:
+            self.cross_attention = self.in_chans >= 2
+        if self.cross_attention and self.in_chans < 2:
+            raise MaeprobeInputError(
+                "channel cross-attention needs at least 2 channels",
+                "pass cross_attention=False for one channel",
+            )
+        if self.decoder_mlp_ratio is None:
+            self.decoder_mlp_ratio = self.mlp_ratio
+        if self.decoder_depth < 0:
+            raise MaeprobeInputError(
+                f"decoder_depth={self.decoder_depth}", "pass decoder_depth >= 0 (0: no decoder)"
+            )
+        widths = [("embed_dim", self.embed_dim, self.num_heads)]
+        if self.decoder_depth:
+            widths.append(("decoder_embed_dim", self.decoder_embed_dim, self.decoder_num_heads))
+        for name, dim, heads in widths:
+            if dim % 6 or dim % heads:
+                raise MaeprobeInputError(
+                    f"{name}={dim} must be divisible by 6 (3D sin-cos positions) and by its "
+                    f"{heads} heads",
+                    f"pass a {name} divisible by 6 and by the heads, e.g. 384 with 6 heads",
+                )
+
+
 class MAE3D(MaeprobeModel):
-    """3D masked autoencoder with one token stream per channel (mae3d-opencell layout)."""
+    """3D masked autoencoder with one token stream per channel (mae3d-opencell layout).
+
+    Built from a :class:`MAE3DConfig` and/or its options as keywords."""
 
     channel_agnostic = False
 
-    def __init__(
-        self,
-        in_chans: int = 2,
-        patch_size: tuple[int, int, int] = DEFAULT_PATCH,
-        input_size: tuple[int, int, int] = DEFAULT_INPUT,
-        embed_dim: int = 384,
-        depth: int = 6,
-        num_heads: int = 6,
-        decoder_dim: int = 192,
-        decoder_depth: int = 4,
-        decoder_heads: int = 6,
-        mlp_ratio: float = 4.0,
-        decoder_mlp_ratio: float | None = None,
-        cross_attention: bool = True,
-        pooling: str = "mean",
-        channel_pool: str = "mean",
-    ) -> None:
+    def __init__(self, config: MAE3DConfig | None = None, **options) -> None:
         super().__init__()
-        patch_size = tuple(int(p) for p in patch_size)
-        input_size = tuple(int(s) for s in input_size)
-        if len(patch_size) != 3 or len(input_size) != 3:
-            raise ValueError(f"patch {patch_size} and input {input_size} must be (Z, Y, X)")
-        if any(s % p for s, p in zip(input_size, patch_size)):
-            raise ValueError(f"input size {input_size} is not a multiple of the patch {patch_size}")
-        if in_chans < 1:
-            raise ValueError(f"in_chans must be >= 1, got {in_chans}")
-        if cross_attention and in_chans < 2:
-            raise ValueError("channel cross-attention needs at least 2 channels")
-        if pooling not in ("mean", "cls") or channel_pool not in ("mean", "concat"):
-            raise ValueError(
-                f"pooling {pooling!r} / channel_pool {channel_pool!r}: use 'mean'|'cls' and "
-                "'mean'|'concat'"
-            )
-        for dim in (embed_dim,) + ((decoder_dim,) if decoder_depth else ()):
-            if dim % 6:
-                raise ValueError(f"width {dim} must be divisible by 6 for 3D sin-cos positions")
-        decoder_mlp_ratio = mlp_ratio if decoder_mlp_ratio is None else decoder_mlp_ratio
-        self.config = dict(
-            in_chans=in_chans, patch_size=list(patch_size), input_size=list(input_size),
-            embed_dim=embed_dim, depth=depth, num_heads=num_heads, decoder_dim=decoder_dim,
-            decoder_depth=decoder_depth, decoder_heads=decoder_heads, mlp_ratio=mlp_ratio,
-            decoder_mlp_ratio=decoder_mlp_ratio, cross_attention=cross_attention,
-            pooling=pooling, channel_pool=channel_pool,
-        )  # fmt: skip
+        cfg = config if config is not None else MAE3DConfig()
+        if options:
+            cfg = make_config(type(cfg), {**dataclasses.asdict(cfg), **options})
+        self.config = cfg
+        in_chans, patch_size, input_size = cfg.in_chans, cfg.patch_size, cfg.input_size
+        embed_dim, depth, num_heads = cfg.embed_dim, cfg.depth, cfg.num_heads
+        mlp_ratio = cfg.mlp_ratio
+        decoder_dim, decoder_depth = cfg.decoder_embed_dim, cfg.decoder_depth
+        decoder_heads, decoder_mlp_ratio = cfg.decoder_num_heads, cfg.decoder_mlp_ratio
+        cross_attention, pooling, channel_pool = cfg.cross_attention, cfg.pooling, cfg.channel_pool
         self.patch_size = patch_size
         self.input_size = input_size
         self.grid = tuple(s // p for s, p in zip(input_size, patch_size))
@@ -638,48 +688,48 @@ class MAE3D(MaeprobeModel):
 # --------------------------------------------------------------------------- loading
 
 
-def _count(state: dict, prefix: str) -> int:
-    """How many numbered entries ``prefix0``, ``prefix1``, ... the state dict has."""
-    idx = [int(k[len(prefix) :].split(".")[0]) for k in state if k.startswith(prefix)]
-    return 1 + max(idx) if idx else 0
-
-
 def mae3d_config_from_state(
     state: dict,
     patch_size: tuple[int, int, int] | None = None,
     input_size: tuple[int, int, int] | None = None,
-    num_heads: int | None = None,
-    decoder_heads: int | None = None,
 ) -> dict:
-    """Infer an :class:`MAE3D` architecture from a mae3d-opencell state dict.
+    """What a mae3d-opencell state dict says about its architecture (config values).
 
-    Widths, depths, channel count, MLP ratio and whether there is cross-attention or a decoder
+    Widths, depths, channel count, MLP ratios and whether there is cross-attention or a decoder
     come from the tensors; the native grid from ``encoder_pos_embed``; the patch from
-    ``patch_size`` or the default (10, 8, 8) when its volume fits (else from ``input_size``);
-    the heads from the options (default 6: they are not in the weights).
+    ``patch_size`` or the default (10, 8, 8) when its volume fits (else from ``input_size``).
+    The heads are not in the weights (not returned).
     """
     need = ("cls_tokens.0", "patch_embeds.0.proj.weight", "encoder_pos_embed")
     absent = [k for k in need if k not in state]
     if absent:
-        raise KeyError(
+        raise MaeprobeInputError(
             f"not a mae3d-opencell channel-stream state dict: no {', '.join(absent)} "
-            f"(it has e.g. {', '.join(list(state)[:3])})"
+            f"(it has e.g. {', '.join(list(state)[:3])})",
+            "pass a mae3d-opencell checkpoint_XXXX.pth.tar or a mae3d safetensors (--weights)",
         )
-    chans = _count(state, "cls_tokens.")
+    chans = count_blocks(state, "cls_tokens.")
     dim = int(state["cls_tokens.0"].shape[-1])
     volume = int(state["patch_embeds.0.proj.weight"].shape[1])
-    depth = _count(state, "encoder_blocks.")
+    depth = count_blocks(state, "encoder_blocks.")
     if depth == 0:
-        raise KeyError("no encoder_blocks.* keys")
+        raise MaeprobeInputError(
+            "not a mae3d-opencell state dict: no encoder_blocks.* keys",
+            "pass a complete mae3d-opencell checkpoint (--weights)",
+        )
     fc1 = state.get("encoder_blocks.0.block_ch0.mlp.fc1.weight")
     mlp_ratio = fc1.shape[0] / dim if fc1 is not None else 4.0
     cross = any(".cross_attn." in k for k in state if k.startswith("encoder_blocks."))
-    decoder_depth = _count(state, "decoder_blocks.")
+    decoder_depth = count_blocks(state, "decoder_blocks.")
     decoder_dim = int(state["mask_tokens.0"].shape[-1]) if "mask_tokens.0" in state else 192
     dfc1 = state.get("decoder_blocks.0.block_ch0.mlp.fc1.weight")
     decoder_mlp_ratio = dfc1.shape[0] / decoder_dim if dfc1 is not None else mlp_ratio
 
     table = state["encoder_pos_embed"]
+    try:
+        grid = grid_from_sincos(table)
+    except ValueError as exc:
+        raise MaeprobeInputError(str(exc), "pass a mae3d-opencell checkpoint (--weights)") from exc
     if input_size is not None:
         input_size = tuple(int(s) for s in input_size)
     if patch_size is not None:
@@ -687,63 +737,61 @@ def mae3d_config_from_state(
     elif math.prod(DEFAULT_PATCH) == volume:
         patch_size = DEFAULT_PATCH
     elif input_size is not None:
-        grid = grid_from_sincos(table)
         patch_size = tuple(s // g for s, g in zip(input_size, grid))
     else:
-        raise ValueError(
-            f"the patches hold {volume} voxels, not {math.prod(DEFAULT_PATCH)}: pass "
-            "patch_size=(pz, py, px)"
+        raise MaeprobeInputError(
+            f"the patches of the weights hold {volume} voxels, not {math.prod(DEFAULT_PATCH)}",
+            "pass patch_size=(pz, py, px) (or input_size=(z, y, x), the crop they were trained on)",
         )
     if math.prod(patch_size) != volume:
-        raise ValueError(
-            f"patch {patch_size} has {math.prod(patch_size)} voxels, the weights {volume}"
+        raise MaeprobeInputError(
+            f"patch_size={patch_size} has {math.prod(patch_size)} voxels, the weights' patches "
+            f"{volume}",
+            "pass the patch_size=(pz, py, px) the weights were trained with",
         )
     if input_size is None:
-        grid = grid_from_sincos(table)
         input_size = tuple(g * p for g, p in zip(grid, patch_size))
     return dict(
         in_chans=chans, patch_size=patch_size, input_size=input_size, embed_dim=dim,
-        depth=depth, num_heads=num_heads or DEFAULT_HEADS, decoder_dim=decoder_dim,
-        decoder_depth=decoder_depth, decoder_heads=decoder_heads or DEFAULT_HEADS,
-        mlp_ratio=mlp_ratio, decoder_mlp_ratio=decoder_mlp_ratio, cross_attention=cross,
+        depth=depth, mlp_ratio=mlp_ratio, decoder_embed_dim=decoder_dim,
+        decoder_depth=decoder_depth, decoder_mlp_ratio=decoder_mlp_ratio, cross_attention=cross,
     )  # fmt: skip
 
 
-_ARCH_OPTIONS = (
-    "in_chans", "patch_size", "input_size", "embed_dim", "depth", "num_heads", "decoder_dim",
-    "decoder_depth", "decoder_heads", "mlp_ratio", "decoder_mlp_ratio", "cross_attention",
-)  # fmt: skip
-_VIEW_OPTIONS = ("pooling", "channel_pool")
+#: option names of older files' metadata
+_RENAMES = {"decoder_dim": "decoder_embed_dim", "decoder_heads": "decoder_num_heads"}
 
 
-def build_mae3d(state: dict | None, metadata: dict, **options) -> MAE3D:
-    """:class:`MAE3D` from a mae3d-opencell checkpoint (``{'epoch', 'state_dict', ...}``, keys
-    possibly ``module.``-prefixed; loaded strictly) or our own saved model (config in the
-    metadata), or random-init (``state is None``) with the architecture from ``options``.
+def _is_decoder_key(key: str) -> bool:
+    return key.startswith(("decoder_", "encoder_to_decoder.", "mask_tokens."))
 
-    Options: ``patch_size``, ``input_size``, ``num_heads``, ``decoder_heads`` (heads are not
-    in the weights), ``pooling`` ('mean'|'cls'), ``channel_pool`` ('mean'|'concat'), and for
-    random init any :class:`MAE3D` argument. Other options are ignored.
+
+def checkpoint_filter(
+    state: dict, metadata: dict | None = None, **options
+) -> tuple[MAE3DConfig, dict]:
+    """A mae3d-opencell checkpoint (``{'epoch', 'state_dict', ...}``, keys possibly
+    ``module.``-prefixed) or our own safetensors (config in the ``maeprobe_config`` metadata)
+    -> ``(config, state)`` that :class:`MAE3D` loads strictly.
+
+    The weights decide the widths, depths, channels, MLP ratios, cross-attention and the patch
+    volume; ``patch_size`` / ``input_size`` pick the patch shape where the volume leaves it
+    open. Free: ``num_heads`` / ``decoder_num_heads`` for mae3d-opencell files (not stored;
+    default 6), ``pooling`` and ``channel_pool``. ``depth`` below the checkpoint's keeps its
+    first blocks and drops the decoder; ``decoder_depth=0`` drops it.
     """
-    view = {k: options[k] for k in _VIEW_OPTIONS if options.get(k) is not None}
-    if "maeprobe_config" in (metadata or {}):
-        cfg = json.loads(metadata["maeprobe_config"])
-    elif state is None:
-        cfg = {k: options[k] for k in _ARCH_OPTIONS if options.get(k) is not None}
-        cfg.setdefault("cross_attention", cfg.get("in_chans", 2) >= 2)
-    else:
-        state = {k.removeprefix("module."): v for k, v in state.items()}
-        cfg = mae3d_config_from_state(
-            state,
-            patch_size=options.get("patch_size"),
-            input_size=options.get("input_size"),
-            num_heads=options.get("num_heads"),
-            decoder_heads=options.get("decoder_heads"),
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    found = config_from_metadata(MAE3DConfig, metadata, _RENAMES)
+    if found is None:
+        found = mae3d_config_from_state(
+            state, patch_size=options.get("patch_size"), input_size=options.get("input_size")
         )
-    model = MAE3D(**{**cfg, **view})
-    if state is not None:
-        load_strict(model, {k.removeprefix("module."): v for k, v in state.items()})
-    return model
+        for key in ("num_heads", "decoder_num_heads"):
+            if key not in options:
+                found[key] = DEFAULT_HEADS
+    found["depth"] = count_blocks(state, "encoder_blocks.")
+    state = keep_blocks(state, found, options, "encoder_blocks.", _is_decoder_key)
+    cfg = settle_config(MAE3DConfig, found, options, free=("pooling", "channel_pool"))
+    return cfg, state
 
 
 register_model(
@@ -755,7 +803,9 @@ register_model(
         input_size="100x176x176 (ZYX; any multiple of the 3D patch)",
         embed_dim=384,
         licence="mae3d-opencell: no public weights; user checkpoints",
-        build=build_mae3d,
+        config=MAE3DConfig,
+        model=MAE3D,
+        checkpoint_filter=checkpoint_filter,
         weights_hint="a mae3d-opencell checkpoint_XXXX.pth.tar",
         has_decoder=True,
     )
@@ -763,7 +813,8 @@ register_model(
 
 __all__ = [
     "MAE3D",
-    "build_mae3d",
+    "MAE3DConfig",
+    "checkpoint_filter",
     "denormalize_patches",
     "fft3d_loss",
     "grid_from_sincos",

@@ -280,13 +280,18 @@ def train_mae(
     return curve
 
 
-def save_model(model, path: Path, config: dict, info: dict) -> None:
-    """Save weights as float16 safetensors with the architecture and provenance as metadata."""
+def save_model(model, path: Path, config, info: dict) -> None:
+    """Save weights as float16 safetensors with the architecture (``config``: the model's
+    config dataclass, e.g. ``model.config``, or its dict) and provenance as metadata."""
     from safetensors.torch import save_file
+
+    from napari_maeprobe.models.registry import config_to_dict
 
     state = {
         k: v.detach().to("cpu", torch.float16).contiguous() for k, v in model.state_dict().items()
     }
+    if not isinstance(config, dict):
+        config = config_to_dict(config)
     meta = {"maeprobe_config": json.dumps(config), "maeprobe_info": json.dumps(info)}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")

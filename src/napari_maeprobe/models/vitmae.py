@@ -20,7 +20,12 @@ Checkpoint layouts that load (all converted to one internal layout, the MAE / ti
 
 Numbers of attention heads are not stored in a state dict: they default to the published
 models' (head dim 64 in the encoder, except ViT-H's 16 heads; 16 heads in the decoder) and can
-be set with the ``heads`` / ``decoder_heads`` options.
+be set with the ``num_heads`` / ``decoder_num_heads`` options.
+
+**Options** (:class:`ViTMAEConfig`): the shared ``input_size``, ``patch_size``, ``embed_dim``,
+``depth``, ``num_heads``, ``mlp_ratio``, the ``decoder_*`` ones (``decoder_depth=0``: encoder
+only), ``in_chans``, ``adapt`` and the layer-norm ``eps``. :func:`checkpoint_filter` maps any of
+the layouts below to a config and our key names.
 
 **Channels.** Pretrained weights are RGB. For ``in_chans=N != 3`` the patch projection is
 adapted by hand: ``adapt="zero"`` copies the RGB filters into channels 0-2 and zeroes the rest
@@ -54,15 +59,27 @@ transformers code is copied.
 
 from __future__ import annotations
 
+import dataclasses
 import re
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from napari_maeprobe.errors import MaeprobeInputError
 from napari_maeprobe.models.base import MaeprobeModel, ModelOutput, patchify, unpatchify
 from napari_maeprobe.models.layers import Block, Mlp, init_weights, sincos_2d
-from napari_maeprobe.models.registry import ModelSpec, load_strict, register_model
+from napari_maeprobe.models.registry import (
+    ModelSpec,
+    check_choice,
+    check_positive,
+    count_blocks,
+    keep_blocks,
+    make_config,
+    register_model,
+    settle_config,
+)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -86,7 +103,10 @@ def channel_stats(n: int) -> tuple[torch.Tensor, torch.Tensor]:
 def make_block(dim: int, heads: int, hidden: int, eps: float, init_values=None) -> Block:
     """A pre-norm :class:`Block` with an exact MLP width and layer-norm eps."""
     if dim % heads:
-        raise ValueError(f"embedding dim {dim} is not divisible by {heads} heads")
+        raise MaeprobeInputError(
+            f"embedding dim {dim} is not divisible by {heads} heads",
+            "pass a num_heads that divides embed_dim (decoder_num_heads: decoder_embed_dim)",
+        )
     blk = Block(dim, heads, mlp_ratio=hidden / dim, qkv_bias=True, init_values=init_values, eps=eps)
     if blk.mlp.fc1.out_features != hidden:
         blk.mlp = Mlp(dim, hidden)
@@ -157,17 +177,11 @@ def check_mask(
     """The caller's mask as a (B, prod(grid)) bool tensor; True = masked."""
     mask = torch.as_tensor(mask, device=device)
     if tuple(mask.shape) != (batch, *grid):
-        raise ValueError(
-            f"the mask has shape {tuple(mask.shape)}, the model's patch grid is {(batch, *grid)}"
+        raise MaeprobeInputError(
+            f"the mask has shape {tuple(mask.shape)}, the model's patch grid is {(batch, *grid)}",
+            "make the mask with model.token_grid(crop shape) (napari_maeprobe.pp.masking)",
         )
     return mask.to(torch.bool).reshape(batch, -1)
-
-
-def _infer_depth(state: dict, prefix: str) -> int:
-    ids = {int(k[len(prefix) :].split(".")[0]) for k in state if k.startswith(prefix)}
-    if ids != set(range(len(ids))):
-        raise KeyError(f"layers under {prefix!r} are not numbered 0..N-1: {sorted(ids)[:10]}")
-    return len(ids)
 
 
 # --------------------------------------------------------------------------------------------
@@ -189,43 +203,65 @@ def mae_sincos_2d(dim: int, grid: tuple[int, int]) -> torch.Tensor:
 # the model
 
 
-class ViTMAE(MaeprobeModel):
-    """2D ViT-MAE with N input channels; parameter names follow the MAE / timm layout."""
+@dataclass
+class ViTMAEConfig:
+    """Options of a ViT-MAE; the defaults are ViT-MAE-B/16 at 224 with its decoder."""
 
-    def __init__(
-        self,
-        img_size: int = 224,
-        patch_size: int = 16,
-        in_chans: int = 3,
-        embed_dim: int = 768,
-        depth: int = 12,
-        heads: int = 12,
-        mlp_dim: int = 3072,
-        decoder: bool = True,
-        decoder_dim: int = 512,
-        decoder_depth: int = 8,
-        decoder_heads: int = 16,
-        decoder_mlp_dim: int = 2048,
-        eps: float = 1e-12,
-        adapt: str = "zero",
-    ) -> None:
-        super().__init__()
-        if img_size % patch_size:
-            raise ValueError(
-                f"img_size {img_size} is not a multiple of the patch size {patch_size}"
+    input_size: int = 224  # side of the crops the position tables are made for, px
+    patch_size: int = 16
+    in_chans: int = 3  # RGB weights are adapted to this many channels (see ``adapt``)
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    decoder_embed_dim: int = 512
+    decoder_depth: int = 8  # 0: no decoder
+    decoder_num_heads: int = 16
+    decoder_mlp_ratio: float = 4.0
+    eps: float = 1e-12  # layer-norm eps: 1e-12 as transformers, 1e-6 as timm / MAE
+    adapt: str = "zero"  # RGB -> in_chans: "zero" (extra channels zero) or "tile" (timm's)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.input_size, (tuple, list)):
+            if len(set(self.input_size)) != 1:
+                raise MaeprobeInputError(
+                    f"ViT-MAE position tables are square, input_size={self.input_size!r}",
+                    "pass input_size= one side, e.g. input_size=224",
+                )
+            self.input_size = int(self.input_size[0])
+        check_positive(self, "input_size", "patch_size", "in_chans", "embed_dim", "depth")
+        check_positive(self, "num_heads", "decoder_embed_dim", "decoder_num_heads")
+        check_choice("adapt", self.adapt, ("zero", "tile"))
+        if self.input_size % self.patch_size:
+            raise MaeprobeInputError(
+                f"input_size={self.input_size} is not a multiple of patch_size={self.patch_size}",
+                "pass an input_size that is a multiple of patch_size",
             )
+        if self.decoder_depth < 0:
+            raise MaeprobeInputError(
+                f"decoder_depth={self.decoder_depth}", "pass decoder_depth >= 0 (0: no decoder)"
+            )
+
+
+class ViTMAE(MaeprobeModel):
+    """2D ViT-MAE with N input channels; parameter names follow the MAE / timm layout.
+
+    Built from a :class:`ViTMAEConfig` and/or its options as keywords."""
+
+    def __init__(self, config: ViTMAEConfig | None = None, **options) -> None:
+        super().__init__()
+        cfg = config if config is not None else ViTMAEConfig()
+        if options:
+            cfg = make_config(type(cfg), {**dataclasses.asdict(cfg), **options})
+        self.config = cfg
+        patch_size, in_chans, embed_dim = cfg.patch_size, cfg.in_chans, cfg.embed_dim
+        decoder_dim, eps = cfg.decoder_embed_dim, cfg.eps
         self.patch_size = (patch_size, patch_size)
         self.embed_dim = embed_dim
         self.in_chans = in_chans
-        self.img_size = img_size
-        self.has_decoder = decoder
-        self.config = dict(
-            img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim,
-            depth=depth, heads=heads, mlp_dim=mlp_dim, decoder=decoder, decoder_dim=decoder_dim,
-            decoder_depth=decoder_depth, decoder_heads=decoder_heads,
-            decoder_mlp_dim=decoder_mlp_dim, eps=eps, adapt=adapt,
-        )  # fmt: skip
-        grid = (img_size // patch_size,) * 2
+        self.input_size = (cfg.input_size, cfg.input_size)
+        self.has_decoder = decoder = cfg.decoder_depth > 0
+        grid = (cfg.input_size // patch_size,) * 2
         mean, std = channel_stats(in_chans)
         self.register_buffer("pix_mean", mean.view(1, -1, 1, 1), persistent=False)
         self.register_buffer("pix_std", std.view(1, -1, 1, 1), persistent=False)
@@ -233,17 +269,19 @@ class ViTMAE(MaeprobeModel):
         self.patch_embed.proj = nn.Conv2d(in_chans, embed_dim, patch_size, patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.register_buffer("pos_embed", mae_sincos_2d(embed_dim, grid))
+        mlp_dim = round(embed_dim * cfg.mlp_ratio)
         self.blocks = nn.ModuleList(
-            [make_block(embed_dim, heads, mlp_dim, eps) for _ in range(depth)]
+            [make_block(embed_dim, cfg.num_heads, mlp_dim, eps) for _ in range(cfg.depth)]
         )
         self.norm = nn.LayerNorm(embed_dim, eps=eps)
         if decoder:
             self.decoder_embed = nn.Linear(embed_dim, decoder_dim)
             self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
             self.register_buffer("decoder_pos_embed", mae_sincos_2d(decoder_dim, grid))
+            decoder_mlp_dim = round(decoder_dim * cfg.decoder_mlp_ratio)
             self.decoder_blocks = nn.ModuleList(
-                [make_block(decoder_dim, decoder_heads, decoder_mlp_dim, eps)
-                 for _ in range(decoder_depth)]
+                [make_block(decoder_dim, cfg.decoder_num_heads, decoder_mlp_dim, eps)
+                 for _ in range(cfg.decoder_depth)]
             )  # fmt: skip
             self.decoder_norm = nn.LayerNorm(decoder_dim, eps=eps)
             self.decoder_pred = nn.Linear(decoder_dim, patch_size * patch_size * in_chans)
@@ -277,13 +315,22 @@ class ViTMAE(MaeprobeModel):
 
     def _check(self, x: torch.Tensor) -> tuple[int, int]:
         if x.ndim != 4:
-            raise ValueError(f"ViT-MAE takes (B, C, Y, X) crops, got shape {tuple(x.shape)}")
-        if x.shape[1] != self.in_chans:
-            raise ValueError(
-                f"this ViT-MAE was built for {self.in_chans} channels, got {x.shape[1]}: "
-                f"create it with in_chans={x.shape[1]}"
+            raise MaeprobeInputError(
+                f"ViT-MAE takes 2D crops (B, C, Y, X), got shape {tuple(x.shape)}",
+                "project z-stacks to 2D first (--z max)",
             )
-        return self.token_grid(tuple(x.shape[1:]))  # raises unless a multiple of the patch
+        if x.shape[1] != self.in_chans:
+            raise MaeprobeInputError(
+                f"this ViT-MAE was built for {self.in_chans} channels, got {x.shape[1]}",
+                f"create it with in_chans={x.shape[1]}, or keep {self.in_chans} channels "
+                "(--channels)",
+            )
+        if any(s % p for s, p in zip(x.shape[2:], self.patch_size)):
+            raise MaeprobeInputError(
+                f"crop size {tuple(x.shape[2:])} is not a multiple of the patch {self.patch_size}",
+                f"use a crop size that is a multiple of {self.patch_size[0]} (--crop-size)",
+            )
+        return self.token_grid(tuple(x.shape[1:]))
 
     def encode(
         self, x: torch.Tensor, mask: torch.Tensor | None = None, attention: bool = False
@@ -303,8 +350,9 @@ class ViTMAE(MaeprobeModel):
             flat = check_mask(mask, b, grid, x.device)
             counts = flat.sum(dim=1)
             if bool((counts != counts[0]).any()):
-                raise ValueError(
-                    "every crop in a batch must have the same number of masked patches"
+                raise MaeprobeInputError(
+                    "every crop in a batch must have the same number of masked patches",
+                    "mask the same number of patches in every crop (make_mask does)",
                 )
             tok = tok[~flat].reshape(b, -1, tok.shape[-1])
         cls = (self.cls_token.to(tok.dtype) + pos[:, :1]).expand(b, -1, -1)
@@ -323,9 +371,10 @@ class ViTMAE(MaeprobeModel):
         """Decoder: encoder tokens (B, 1 + n_visible, D) and the flat mask -> pixel predictions
         (B, L, P*P*C) in standardised intensity, Hugging Face layout (channel fastest)."""
         if not self.has_decoder:
-            raise ValueError(
+            raise MaeprobeInputError(
                 "this ViT-MAE has no decoder (encoder-only weights): reconstructions are not "
-                "available"
+                "available",
+                "embed without reconstructions, or load weights with a decoder (--weights)",
             )
         b = h.shape[0]
         n = grid[0] * grid[1]
@@ -462,13 +511,17 @@ def vitmae_to_internal(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.
                 used.add(key)
         unknown = sorted(k for k in set(state) - used if not _IGNORED.match(k))
         if unknown:
-            raise KeyError(f"unexpected keys in a ViT-MAE checkpoint: {unknown[:5]}")
+            raise MaeprobeInputError(
+                f"unexpected keys in a ViT-MAE checkpoint: {unknown[:5]}",
+                "pass a ViTMAE / timm ViT checkpoint (--weights)",
+            )
         return out, "hf"
     if "patch_embed.proj.weight" in state:
         return {k: v for k, v in state.items() if not _IGNORED.match(k)}, "timm"
-    raise KeyError(
+    raise MaeprobeInputError(
         "not a ViT-MAE checkpoint: neither vit.embeddings.patch_embeddings.projection.weight "
-        "(Hugging Face) nor patch_embed.proj.weight (timm / MAE) is in it"
+        "(Hugging Face) nor patch_embed.proj.weight (timm / MAE) is in it",
+        "pass facebook/vit-mae-base's model.safetensors or a timm / MAE ViT file (--weights)",
     )
 
 
@@ -509,78 +562,74 @@ def adapt_pred_rows(t: torch.Tensor, n: int, mode: str) -> torch.Tensor:
 _DEFAULT_HEADS = {384: 6, 768: 12, 1024: 16, 1280: 16}
 
 
-def build_vitmae(
-    state: dict | None,
-    metadata: dict,
-    in_chans: int = 3,
-    adapt: str = "zero",
-    img_size: int = 224,
-    heads: int | None = None,
-    decoder_heads: int | None = None,
-    **arch,
-) -> ViTMAE:
-    """ViT-MAE from a Hugging Face or timm/MAE checkpoint, or the ViT-B/16 architecture with
-    random weights (``state=None``; ``arch`` may then shrink it: ``patch_size``,
-    ``hidden_size``, ``depth``, ``mlp_dim``, ``decoder``, ``decoder_dim``, ``decoder_depth``,
-    ``decoder_mlp_dim``; with a checkpoint these are read from its shapes and ignored)."""
-    if adapt not in ("zero", "tile"):
-        raise ValueError(f"adapt must be 'zero' or 'tile', got {adapt!r}")
-    if in_chans < 1:
-        raise ValueError(f"in_chans must be >= 1, got {in_chans}")
-    known = {"patch_size", "hidden_size", "depth", "mlp_dim", "decoder", "decoder_dim",
-             "decoder_depth", "decoder_mlp_dim", "eps"}  # fmt: skip
-    bad = set(arch) - known
-    if bad:
-        raise ValueError(f"unknown ViT-MAE options {sorted(bad)}")
-    if state is None:
-        dim = arch.pop("hidden_size", 768)
-        arch.setdefault("mlp_dim", 4 * dim)
-        ddim = arch.get("decoder_dim", 512)
-        arch.setdefault("decoder_mlp_dim", 4 * ddim)
-        model = ViTMAE(
-            img_size=img_size, in_chans=in_chans, embed_dim=dim,
-            heads=heads or _DEFAULT_HEADS.get(dim, max(1, dim // 64)),
-            decoder_heads=decoder_heads or 16, adapt=adapt, **arch,
-        )  # fmt: skip
-        model.reset_parameters()
-        return model
+def _is_decoder_key(key: str) -> bool:
+    return key.startswith("decoder_") or key == "mask_token"
+
+
+def checkpoint_filter(
+    state: dict, metadata: dict | None = None, **options
+) -> tuple[ViTMAEConfig, dict]:
+    """A Hugging Face or timm / MAE ViT-MAE state dict -> ``(config, state)`` in our layout.
+
+    The weights decide ``embed_dim``, ``patch_size``, ``depth``, ``mlp_ratio`` and the decoder's
+    width, depth and MLP ratio (an option restating them must agree; ``depth`` below the
+    checkpoint's keeps its first blocks and drops the decoder, ``decoder_depth=0`` drops it).
+    Free: ``num_heads`` / ``decoder_num_heads`` (not stored; default head width 64 / 16 heads),
+    ``in_chans`` with ``adapt`` (RGB weights adapted by hand, see the module doc),
+    ``input_size`` (the checkpoint's sin-cos tables at its grid, regenerated for another) and
+    ``eps`` (default 1e-12 for Hugging Face files, 1e-6 for timm / MAE ones).
+    """
     sd, layout = vitmae_to_internal(state)
     w = sd["patch_embed.proj.weight"]
     dim, src_chans, patch = int(w.shape[0]), int(w.shape[1]), int(w.shape[-1])
-    if src_chans != in_chans:
-        if src_chans != 3:
-            raise ValueError(
-                f"the checkpoint has {src_chans} input channels; only RGB (3) weights are adapted "
-                f"to {in_chans}"
-            )
-        sd["patch_embed.proj.weight"] = adapt_patch_weight(w, in_chans, adapt)
-    has_decoder = "decoder_pred.weight" in sd
-    cfg = dict(
-        img_size=img_size, patch_size=patch, in_chans=in_chans, embed_dim=dim,
-        depth=_infer_depth(sd, "blocks."), heads=heads or _DEFAULT_HEADS.get(dim, dim // 64),
-        mlp_dim=int(sd["blocks.0.mlp.fc1.weight"].shape[0]), decoder=has_decoder,
-        eps=1e-12 if layout == "hf" else 1e-6, adapt=adapt,
+    found: dict = dict(
+        patch_size=patch, embed_dim=dim, depth=count_blocks(sd, "blocks."),
+        mlp_ratio=int(sd["blocks.0.mlp.fc1.weight"].shape[0]) / dim,
+        eps=1e-12 if layout == "hf" else 1e-6,
     )  # fmt: skip
-    if has_decoder:
-        for k in ("decoder_pred.weight", "decoder_pred.bias"):
-            rows = sd[k].shape[0]
-            if rows != patch * patch * in_chans:
-                if rows != patch * patch * 3:
-                    raise ValueError(f"{k} has {rows} rows, not {patch}*{patch}*3")
-                sd[k] = adapt_pred_rows(sd[k], in_chans, adapt)
+    if "num_heads" not in options:  # not in the weights: the published models' heads
+        found["num_heads"] = _DEFAULT_HEADS.get(dim, max(1, dim // 64))
+    if "decoder_pred.weight" in sd:
         ddim = int(sd["decoder_embed.weight"].shape[0])
-        cfg.update(
-            decoder_dim=ddim, decoder_depth=_infer_depth(sd, "decoder_blocks."),
-            decoder_heads=decoder_heads or 16,
-            decoder_mlp_dim=int(sd["decoder_blocks.0.mlp.fc1.weight"].shape[0]),
+        found.update(
+            decoder_embed_dim=ddim, decoder_depth=count_blocks(sd, "decoder_blocks."),
+            decoder_mlp_ratio=int(sd["decoder_blocks.0.mlp.fc1.weight"].shape[0]) / ddim,
         )  # fmt: skip
-    model = ViTMAE(**cfg)
+        if "decoder_num_heads" not in options:
+            found["decoder_num_heads"] = 16
+    else:
+        found["decoder_depth"] = 0
+    sd = keep_blocks(sd, found, options, "blocks.", _is_decoder_key)
+    in_chans = options.get("in_chans", src_chans)
+    adapt = options.get("adapt", "zero")
+    check_choice("adapt", adapt, ("zero", "tile"))
+    if in_chans != src_chans:
+        if src_chans != 3:
+            raise MaeprobeInputError(
+                f"the weights have {src_chans} input channels; only RGB (3) weights are "
+                f"adapted to in_chans={in_chans}",
+                f"pass in_chans={src_chans}, or RGB weights",
+            )
+        if not isinstance(in_chans, int) or in_chans < 1:
+            raise MaeprobeInputError(f"in_chans={in_chans!r}", "pass in_chans >= 1")
+        sd["patch_embed.proj.weight"] = adapt_patch_weight(w, in_chans, adapt)
+        for k in ("decoder_pred.weight", "decoder_pred.bias"):
+            if k in sd:
+                rows = sd[k].shape[0]
+                if rows != patch * patch * 3:
+                    raise MaeprobeInputError(
+                        f"{k} has {rows} rows, not {patch}*{patch}*3",
+                        "pass a ViT-MAE checkpoint with an RGB decoder (--weights)",
+                    )
+                sd[k] = adapt_pred_rows(sd[k], in_chans, adapt)
+    found["in_chans"] = in_chans
+    cfg = settle_config(ViTMAEConfig, found, options, free=("eps", "input_size", "adapt"))
     # the fixed sin-cos tables: the checkpoint's own at its grid, regenerated for another size
-    for key in ("pos_embed", "decoder_pos_embed"):
-        if key in sd and sd[key].shape != getattr(model, key).shape:
-            sd[key] = getattr(model, key).clone()
-    load_strict(model, sd)
-    return model
+    grid = (cfg.input_size // cfg.patch_size,) * 2
+    for key, width in (("pos_embed", cfg.embed_dim), ("decoder_pos_embed", cfg.decoder_embed_dim)):
+        if key in sd and tuple(sd[key].shape) != (1, 1 + grid[0] * grid[1], width):
+            sd[key] = mae_sincos_2d(width, grid)
+    return cfg, sd
 
 
 register_model(
@@ -591,7 +640,9 @@ register_model(
         input_size="224x224 (any multiple of 16)",
         embed_dim=768,
         licence="facebook/vit-mae-base: CC BY-NC 4.0 at source (MAE repo); not bundled",
-        build=build_vitmae,
+        config=ViTMAEConfig,
+        model=ViTMAE,
+        checkpoint_filter=checkpoint_filter,
         hub=("facebook/vit-mae-base", "model.safetensors"),
         weights_hint="facebook/vit-mae-base model.safetensors, or a timm/MAE ViT-B/16 checkpoint",
         has_decoder=True,

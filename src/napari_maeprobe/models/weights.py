@@ -102,10 +102,25 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def hub_cache_dir() -> Path:
-    """Where the hub library keeps downloads (``HF_HOME``/``HF_HUB_CACHE`` respected)."""
+    """Where the hub library keeps downloads: its own setting when it is installed (it reads
+    ``HF_HUB_CACHE`` / ``HF_HOME`` once, when imported), else those variables."""
+    try:
+        from huggingface_hub import constants
+
+        return Path(constants.HF_HUB_CACHE)
+    except ImportError:
+        pass
     if os.environ.get("HF_HUB_CACHE"):
         return Path(os.environ["HF_HUB_CACHE"])
     return Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")) / "hub"
+
+
+def _hub_offline() -> bool:
+    """The hub library's own offline switch (read from ``HF_HUB_OFFLINE`` at its import)."""
+    from huggingface_hub import constants
+
+    check = getattr(constants, "is_offline_mode", None)
+    return bool(check() if check is not None else getattr(constants, "HF_HUB_OFFLINE", False))
 
 
 def resolve_hub_weights(repo_id: str, filename: str, download: bool = True) -> Path:
@@ -119,7 +134,9 @@ def resolve_hub_weights(repo_id: str, filename: str, download: bool = True) -> P
             return Path(hf_hub_download(repo_id, filename, local_files_only=True))
         except Exception:
             pass
-        if download:
+        if download and _hub_offline():
+            reason = "offline mode: HF_HUB_OFFLINE is set"
+        elif download:
             try:
                 return Path(hf_hub_download(repo_id, filename))
             except Exception as exc:

@@ -8,33 +8,70 @@ image into rows.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
 from napari_maeprobe.errors import MaeprobeInputError
 
+if TYPE_CHECKING:
+    import anndata as ad
+
+    from napari_maeprobe.embed.store import EmbeddingStore
+    from napari_maeprobe.tl.diagnostics import DriversReport
+
 
 @dataclass
 class ExplorerData:
-    """One level of a store (or ``.h5ad``) as the explorer needs it."""
+    """One level's table (an AnnData, see :mod:`napari_maeprobe.table`) as the explorer shows
+    it, with the geometry that maps its rows to pixels and the store its per-cell maps are in."""
 
-    level: str
-    obs: pd.DataFrame
-    coords: dict[str, np.ndarray]  # "UMAP", "PCA": (n, 2), NaN where not computed
+    adata: ad.AnnData
     patch_size: tuple[int, ...]
     crop_size: tuple[int, ...]
-    source: Path
-    store: object | None = None  # the EmbeddingStore, when there is one
-    image_index: dict[str, int] = field(default_factory=dict)  # image name -> store index
-    drivers: object | None = None  # the stored DriversReport of this level, if analysed
-    X: np.ndarray | None = None  # the embeddings (float32), for diagnostics of selections
+    source: Path | None = None
+    store: EmbeddingStore | None = None
+
+    @property
+    def level(self) -> str:
+        from napari_maeprobe.table import level_of
+
+        return level_of(self.adata)
+
+    @property
+    def obs(self) -> pd.DataFrame:
+        return self.adata.obs
+
+    @property
+    def X(self) -> np.ndarray:
+        """The embeddings (float32), for diagnostics of selections."""
+        return np.asarray(self.adata.X, dtype=np.float32)
+
+    @property
+    def coords(self) -> dict[str, np.ndarray]:
+        """``"UMAP"``, ``"PCA"``: (n, 2), NaN where not computed."""
+        return _coords(self.adata.obsm, self.adata.n_obs)
+
+    @property
+    def drivers(self) -> DriversReport | None:
+        """The stored "what drives these clusters" report of this level, if analysed."""
+        from napari_maeprobe.table import drivers
+
+        return drivers(self.adata, self.level)
+
+    @property
+    def image_index(self) -> dict[str, int]:
+        """Image name -> the store's image index (empty without a store)."""
+        if self.store is None:
+            return {}
+        return {name: i for i, name in enumerate(self.store.image_names())}
 
     @property
     def n(self) -> int:
-        return len(self.obs)
+        return self.adata.n_obs
 
 
 def available_levels(path: str | Path) -> list[str]:
@@ -56,28 +93,23 @@ def load_level(path: str | Path, level: str = "patch") -> ExplorerData:
     if path.suffix == ".h5ad":
         return _from_h5ad(path, level)
     from napari_maeprobe.embed.store import EmbeddingStore
-    from napari_maeprobe.io.export import level_table
-    from napari_maeprobe.tl.diagnostics import DriversReport
+    from napari_maeprobe.table import read_level
 
     store = EmbeddingStore(path)
-    obs, X, obsm, attrs = level_table(store, level)
+    adata = read_level(store, level)
     facts = store.facts
-    drivers = DriversReport.from_dict(attrs["drivers"]) if attrs.get("drivers") else None
-    return ExplorerData(
-        level=level,
-        obs=obs,
-        coords=_coords(obsm, len(obs)),
+    data = ExplorerData(
+        adata,
         patch_size=tuple(facts.get("patch_size", (16, 16))),
         crop_size=tuple(facts.get("crop_size", (96, 96))),
         source=path,
         store=store,
-        image_index={name: i for i, name in enumerate(store.image_names())},
-        drivers=drivers,
-        X=X,
     )
+    data.coords  # noqa: B018  (refuses a level without coordinates, with the fix)
+    return data
 
 
-def _coords(obsm: dict, n: int) -> dict[str, np.ndarray]:
+def _coords(obsm, n: int) -> dict[str, np.ndarray]:
     out = {}
     if "X_umap" in obsm:
         out["UMAP"] = np.asarray(obsm["X_umap"], dtype=np.float32)[:, :2]
@@ -94,33 +126,23 @@ def _coords(obsm: dict, n: int) -> dict[str, np.ndarray]:
 def _from_h5ad(path: Path, level: str) -> ExplorerData:
     import anndata as ad
 
-    from napari_maeprobe.tl.diagnostics import DriversReport
-
     adata = ad.read_h5ad(path)
     if "level" not in adata.obs:
         raise MaeprobeInputError(f"{path} has no 'level' column", "open a maeprobe export")
-    sub = adata[(adata.obs["level"] == level).to_numpy()]
+    sub = adata[(adata.obs["level"] == level).to_numpy()].copy()
     if sub.n_obs == 0:
         raise MaeprobeInputError(
             f"{path} has no {level!r} rows", "pick another level, or export that level"
         )
     meta = dict(adata.uns.get("maeprobe", {}))
-    drivers = None
-    d = adata.uns.get("maeprobe_drivers", {}).get(level)
-    if d is not None:
-        drivers = DriversReport(
-            pd.DataFrame(d["table"]), str(d.get("verdict", "")), str(d.get("labels", ""))
-        )
-    return ExplorerData(
-        level=level,
-        obs=sub.obs.reset_index(drop=True),
-        coords=_coords(dict(sub.obsm), sub.n_obs),
+    data = ExplorerData(
+        sub,
         patch_size=tuple(int(v) for v in np.atleast_1d(meta.get("patch_size", (16, 16)))),
         crop_size=tuple(int(v) for v in np.atleast_1d(meta.get("crop_size", (96, 96)))),
         source=path,
-        drivers=drivers,
-        X=np.asarray(sub.X, dtype=np.float32),
     )
+    data.coords  # noqa: B018
+    return data
 
 
 # --------------------------------------------------------------------------- rows -> pixels
@@ -260,15 +282,12 @@ def paste_cells(
     if store is None or image not in data.image_index:
         return None
     i = data.image_index[image]
-    maps = store.read_cells(name, i)
-    if maps is None:
+    stored = store.read_cells(name, i)
+    if stored is None:
         return None
-    origins = store.read_cells("origins", i)
-    ids = store.read_obs("global", images=[i])["cell_id"].to_numpy(np.int64) if (
-        "global" in store.levels()
-    ) else None  # fmt: skip
-    if ids is None:
-        return None
+    ids, maps = stored
+    origin_ids, origins = store.read_cells("origins", i)
+    origin_of = dict(zip(origin_ids.tolist(), range(len(origin_ids))))
     want = np.isin(ids, np.asarray(cells, dtype=np.int64))
     out = np.full(shape, np.nan, dtype=np.float32)
     nd = len(data.patch_size)
@@ -285,7 +304,7 @@ def paste_cells(
                 m = m / max(float(np.nanmax(m)), 1e-12)
         else:
             m = m[channel] if channel is not None else m.mean(axis=0)
-        o = origins[k]
+        o = origins[origin_of[int(ids[k])]]
         dst, src = [], []
         for ax in range(nd):
             start = int(o[ax])

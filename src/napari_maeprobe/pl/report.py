@@ -14,13 +14,14 @@ import math
 import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 import numpy as np
 import pandas as pd
 
 from napari_maeprobe.io.files import atomic_write
+from napari_maeprobe.pl.colors import NA_RGBA, categorical_palette, color_kind, ordinal_colors
 
 if TYPE_CHECKING:
     import anndata
@@ -32,12 +33,10 @@ DEFAULT_COLOUR_BY = ("channel", "patch_row", "patch_col", "dataset", "leiden")
 LEVEL_ORDER = ("global", "channel", "patch")
 #: at most this many categories get a legend; more get a note "N categories"
 MAX_LEGEND = 20
-#: integer columns with at most this many values get a stepped colourbar
-MAX_DISCRETE = 32
 #: more points than this are drawn as a random subset (keeps a figure near one second)
 MAX_POINTS = 250_000
 SEED = 0
-NA_COLOUR = (0.82, 0.82, 0.82, 0.6)
+NA_COLOUR = NA_RGBA
 
 LEVEL_TEXT = {
     "global": "one embedding per cell (all channels together)",
@@ -114,7 +113,6 @@ _GROUPS = (
 )
 _OTHER_GROUP = ("other", "#3d6fb5")
 
-Kind = Literal["categorical", "integer", "continuous"]
 
 
 # --------------------------------------------------------------------------- small helpers
@@ -167,36 +165,6 @@ def _sort_key(value: object) -> tuple:
         return (1, 0.0, s)
 
 
-def _category_colours(n: int) -> list[tuple[float, float, float, float]]:
-    """``n`` distinguishable colours: tab10/tab20, then golden-ratio hues."""
-    from matplotlib import colormaps
-    from matplotlib.colors import hsv_to_rgb
-
-    if n <= 10:
-        return [(*colormaps["tab10"].colors[i], 1.0) for i in range(n)]
-    if n <= 20:
-        return [(*colormaps["tab20"].colors[i], 1.0) for i in range(n)]
-    hues = (np.arange(n) * 0.618033988749895) % 1.0
-    sat = np.where(np.arange(n) % 2, 0.55, 0.85)
-    val = np.where(np.arange(n) % 3 == 1, 0.7, 0.92)
-    rgb = hsv_to_rgb(np.stack([hues, sat, val], axis=1))
-    return [(*map(float, c), 1.0) for c in rgb]
-
-
-def column_kind(series: pd.Series, column: str) -> Kind:
-    """How a column is coloured: categories with a legend, integers or floats with a colourbar."""
-    dtype = series.dtype
-    if column == "leiden" or isinstance(dtype, pd.CategoricalDtype):
-        return "categorical"
-    if pd.api.types.is_bool_dtype(dtype):
-        return "categorical"
-    if pd.api.types.is_integer_dtype(dtype):
-        return "integer"
-    if pd.api.types.is_float_dtype(dtype):
-        return "continuous"
-    return "categorical"
-
-
 def _categories(values: pd.Series) -> list:
     """The distinct non-NA values in display order."""
     present = pd.unique(values.dropna())
@@ -223,7 +191,7 @@ def umap_png(
     xy = np.asarray(xy, dtype=np.float64)[:, :2]
     ok = np.isfinite(xy).all(axis=1)
     n_total = int(ok.sum())
-    kind = column_kind(values, column)
+    kind = color_kind(column, values)
     rng = np.random.default_rng(SEED)
     keep = np.flatnonzero(ok)
     if n_total > MAX_POINTS:
@@ -259,7 +227,7 @@ def umap_png(
     }
     if kind == "categorical":
         cats = _categories(values)
-        colours = _category_colours(len(cats))
+        colours = [tuple(map(float, c)) for c in categorical_palette(len(cats))]
         lookup = {c: i for i, c in enumerate(cats)}
         codes = np.array([lookup[v] for v in values.to_numpy(dtype=object)[shuffled]], dtype=int)
         rgba = np.asarray(colours, dtype=np.float64)[codes] if len(codes) else np.zeros((0, 4))
@@ -297,10 +265,10 @@ def umap_png(
         cmap = colormaps["viridis"]
         distinct = np.unique(finite) if len(finite) else finite
         extend = "neither"
-        if kind == "integer" and 0 < len(distinct) <= MAX_DISCRETE:
+        if kind == "ordinal" and len(distinct):
             lo, hi = int(distinct.min()), int(distinct.max())
             steps = hi - lo + 1
-            cmap = ListedColormap(cmap(np.linspace(0, 1, steps)))
+            cmap = ListedColormap(ordinal_colors(steps))
             norm = BoundaryNorm(np.arange(lo - 0.5, hi + 1.0), steps)
         else:
             lo, hi = np.percentile(finite, [1, 99]) if len(finite) else (0.0, 1.0)
@@ -562,7 +530,11 @@ def _facts_rows(
         )
     ranks = []
     for k, v in levels.items():
-        r = getattr(v, "uns", {}).get("effective_rank")
+        uns = getattr(v, "uns", {})
+        r = uns.get("effective_rank")
+        if r is None:  # the table as analysis left it: uns["maeprobe"]["analysis"][level]
+            r = dict(dict(uns.get("maeprobe", {}) or {}).get("analysis", {}) or {})
+            r = dict(r.get(k, {}) or {}).get("effective_rank")
         if isinstance(r, int | float | np.number | np.ndarray) and np.size(r) == 1:
             r = float(np.asarray(r).reshape(-1)[0])
             if np.isfinite(r):
@@ -644,7 +616,7 @@ def _ordered_levels(levels: Mapping[str, Any]) -> list[str]:
 def write_report(
     out_dir: Path,
     levels: dict[str, anndata.AnnData],
-    drivers: dict[str, object],
+    drivers: dict[str, object] | None,
     facts: dict,
     segmentation: pd.DataFrame | None = None,
     colour_by: tuple[str, ...] = DEFAULT_COLOUR_BY,
@@ -655,11 +627,16 @@ def write_report(
     ``levels``: level name -> AnnData (``obs`` columns, ``obsm["X_umap"]`` with NaN rows for
     rows not analysed, optional ``uns["effective_rank"]`` and ``uns["maeprobe"]`` facts).
     ``drivers``: level -> object with ``.table`` (DataFrame, an AMI column per obs column) and
-    ``.verdict`` (str). ``facts``: model and run facts for the header. ``progress`` (optional)
+    ``.verdict`` (str); ``None``: each level's ``uns["maeprobe_drivers"]`` (as analysis left
+    it). ``facts``: model and run facts for the header. ``progress`` (optional)
     gets one line per figure.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if drivers is None:
+        from napari_maeprobe.table import drivers as stored_drivers
+
+        drivers = {lvl: stored_drivers(a, lvl) for lvl, a in levels.items()}
     order = _ordered_levels(levels)
     merged: dict[str, Any] = {}
     for name in order:

@@ -246,6 +246,23 @@ def cell_crops(
     )
 
 
+def tile_origins(
+    spatial: tuple[int, ...],
+    size: int | tuple[int, ...],
+    stride: int | tuple[int, ...] | None = None,
+) -> np.ndarray:
+    """The first pixel of every tile that covers an image of ``spatial`` shape, (n, nd) in
+    row-major order: tiles of ``size`` every ``stride`` (default: ``size``), the last row and
+    column of tiles running over the edge (their crops are zero-padded), so every pixel is in
+    a tile."""
+    nd = len(spatial)
+    size = _as_size(size, nd)
+    stride = size if stride is None else _as_size(stride, nd)
+    starts = [np.arange(0, max(full - s, 0) + st, st) for full, s, st in zip(spatial, size, stride)]
+    starts = [st[(st < full) | (st == 0)] for st, full in zip(starts, spatial)]
+    return np.stack(np.meshgrid(*starts, indexing="ij"), axis=-1).reshape(-1, nd)
+
+
 def tile_image(
     data: np.ndarray,
     size: int | tuple[int, ...] = 224,
@@ -257,11 +274,7 @@ def tile_image(
     """Tile a whole image (no segmentation needed), zero-padding the last row/column of tiles."""
     nd = data.ndim - 1
     size = _as_size(size, nd)
-    stride = size if stride is None else _as_size(stride, nd)
-    spatial = data.shape[1:]
-    starts = [np.arange(0, max(full - s, 0) + st, st) for full, s, st in zip(spatial, size, stride)]
-    starts = [st[(st < full) | (st == 0)] for st, full in zip(starts, spatial)]
-    grid = np.stack(np.meshgrid(*starts, indexing="ij"), axis=-1).reshape(-1, nd)
+    grid = tile_origins(data.shape[1:], size, stride)
     crops = extract_windows(np.asarray(data), grid, size)
     boundary = extract_windows(boundary_map(labels), grid, size) if labels is not None else None
     return CropSet(
@@ -281,15 +294,46 @@ def tile_image(
 # --------------------------------------------------------------------------- patch grid
 
 
-def otsu_foreground(values: np.ndarray) -> np.ndarray:
-    """Foreground flags by Otsu's threshold over the given patch intensities."""
+def otsu_threshold(values: np.ndarray) -> float:
+    """Otsu's threshold of some values (NaNs ignored); ``inf`` when they are empty or constant,
+    so that nothing is above it."""
     from skimage.filters import threshold_otsu
 
-    values = np.asarray(values, dtype=np.float64)
-    finite = values[np.isfinite(values)]
-    if finite.size == 0 or np.ptp(finite) == 0:
-        return np.zeros(values.shape, dtype=bool)
-    return values > threshold_otsu(finite)
+    values = np.asarray(values, dtype=np.float64).ravel()
+    values = values[np.isfinite(values)]
+    if values.size == 0 or values.min() == values.max():
+        return float("inf")
+    return float(threshold_otsu(values))
+
+
+def foreground_thresholds(normalised: np.ndarray, patch_size: int | tuple[int, ...]) -> np.ndarray:
+    """The one rule for a patch's ``foreground`` flag: its mean normalised intensity is above
+    Otsu's threshold of the image's patch-sized block means (the same quantity over the whole
+    image), per channel (channels kept apart) and of the mean over channels.
+
+    ``normalised``: (C, *spatial) pixels; returns (C + 1,) thresholds, per channel then of the
+    channel mean. Comparing patch means with a threshold on block means, not on pixels, keeps
+    sparse markers (bright spots in dark patches) from having no foreground at all.
+    """
+    x = np.asarray(normalised, dtype=np.float32)
+    nd = x.ndim - 1
+    size = _as_size(patch_size, nd)
+    if any(s > full for s, full in zip(size, x.shape[1:])):
+        size = tuple(min(s, full) for s, full in zip(size, x.shape[1:]))
+    blocks = block_means(x, size)  # (C, n_blocks)
+    return np.array([otsu_threshold(b) for b in blocks] + [otsu_threshold(blocks.mean(axis=0))])
+
+
+def block_means(x: np.ndarray, size: tuple[int, ...]) -> np.ndarray:
+    """Means of the whole ``size`` blocks of (C, *spatial) pixels, as (C, n_blocks)."""
+    nd = len(size)
+    crop = tuple(slice(0, (full // s) * s) for full, s in zip(x.shape[1:], size))
+    x = x[(slice(None), *crop)]
+    shape = [x.shape[0]]
+    for full, s in zip(x.shape[1:], size):
+        shape += [full // s, s]
+    axes = tuple(2 + 2 * k for k in range(nd))
+    return x.reshape(shape).mean(axis=axes).reshape(x.shape[0], -1)
 
 
 def patch_table(
@@ -297,14 +341,17 @@ def patch_table(
     patch_size: int | tuple[int, ...] = 16,
     per_channel: bool = False,
     dataset: str = "",
+    thresholds: np.ndarray | None = None,
 ) -> pd.DataFrame:
-    """The patch grid of every crop as a table, one row per crop and patch (and channel).
+    """The patch grid of every crop as a table, one row per crop and patch (and channel), in
+    the store's cell-major order: crop, then channel, then patch in row-major order.
 
     Columns follow the observation table of the export: ``image``, ``cell_id``, ``channel``,
     ``patch_row``, ``patch_col``, ``patch_z``, ``centroid_y/x/z`` (patch centre in source-image
-    pixels), ``patch_intensity`` (mean normalised intensity), ``foreground`` (Otsu over the patch
-    intensities, per channel when ``per_channel``), ``central`` (patch centre within the middle
-    half of the crop) and ``boundary_fraction``.
+    pixels), ``patch_intensity`` (mean normalised intensity), ``foreground`` (above
+    ``thresholds``, see :func:`foreground_thresholds`; default: Otsu over these crops' patch
+    intensities), ``central`` (patch centre within the middle half of the crop) and
+    ``boundary_fraction``.
     """
     nd = crops.crops.ndim - 2
     psize = _as_size(patch_size, nd)
@@ -335,21 +382,26 @@ def patch_table(
         "central": np.tile(central, n),
         "boundary_fraction": bfrac.reshape(-1) if bfrac is not None else np.nan,
     }
+    if thresholds is None:  # the rule of foreground_thresholds, over these crops' patches
+        flat = intens.reshape(n, n_c, -1).transpose(1, 0, 2).reshape(n_c, -1)
+        thresholds = np.array([otsu_threshold(v) for v in flat]
+                              + [otsu_threshold(flat.mean(axis=0))])  # fmt: skip
+    thresholds = np.asarray(thresholds, dtype=np.float64)
     if per_channel:
-        frames = []
-        for c in range(n_c):
-            vals = intens[:, c].reshape(-1)
-            df = pd.DataFrame(base)
-            df.insert(3, "channel", crops.channel_names[c] if crops.channel_names else str(c))
-            df["patch_intensity"] = vals
-            df["foreground"] = otsu_foreground(vals)
-            frames.append(df)
-        table = pd.concat(frames, ignore_index=True)
+        names = list(crops.channel_names) or [str(c) for c in range(n_c)]
+        # rows: cell, channel, patch (each cell's per-patch values repeated per channel)
+        table = pd.DataFrame({k: (np.repeat(np.asarray(v).reshape(n, n_p), n_c, axis=0).ravel()
+                                  if np.ndim(v) and len(v) == n * n_p else v)
+                              for k, v in base.items()})  # fmt: skip
+        table.insert(3, "channel", np.tile(np.repeat(names, n_p), n))
+        vals = intens.reshape(n, n_c, n_p)
+        table["patch_intensity"] = vals.reshape(-1)
+        table["foreground"] = (vals > thresholds[:n_c][None, :, None]).reshape(-1)
     else:
         table = pd.DataFrame(base)
         table.insert(3, "channel", pd.NA)
         table["patch_intensity"] = intens.mean(axis=1).reshape(-1)
-        table["foreground"] = otsu_foreground(table["patch_intensity"].to_numpy())
+        table["foreground"] = table["patch_intensity"].to_numpy() > thresholds[-1]
     table["channel"] = table["channel"].astype("string")
     table["patch_z"] = table["patch_z"].astype("Int64")
     return table[list(PATCH_COLUMNS)]

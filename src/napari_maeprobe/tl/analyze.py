@@ -4,12 +4,18 @@ and the effective rank of each level, written back into the level table."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
 from napari_maeprobe.errors import MaeprobeInputError
 from napari_maeprobe.progress import ProgressCallback, report
+
+if TYPE_CHECKING:
+    import anndata as ad
+
+    from napari_maeprobe.embed.store import EmbeddingStore
 
 
 @dataclass
@@ -29,17 +35,20 @@ class AnalysisSettings:
     seed: int = 0
 
 
-def analyze_store(
-    store,
-    levels: list[str] | None = None,
+def analyze(
+    adata: ad.AnnData,
     settings: AnalysisSettings | None = None,
     progress: ProgressCallback | None = None,
-) -> dict[str, dict]:
+) -> dict:
     """PCA, UMAP, Leiden (and k-means), "what drives these clusters" and the effective rank of
-    each level; every result is written back into the store. Rows whose embedding is missing
-    (masked patches) or that fail the filters get NA. Returns a summary per level."""
+    one level's table, written into it scanpy-style: ``obsm["X_pca"]``, ``obsm["X_umap"]``,
+    ``obs["leiden"]`` (``obs["kmeans"]``), ``obs["analysed"]``,
+    ``uns["maeprobe"]["analysis"][level]`` and ``uns["maeprobe_drivers"][level]``. Rows whose
+    embedding is missing (masked patches) or that fail the filters get NA. Returns the
+    summary."""
     import time
 
+    from napari_maeprobe.table import DRIVERS_KEY, UNS_KEY, level_of, set_colors
     from napari_maeprobe.tl.analysis import (
         apply_filters,
         effective_rank,
@@ -51,61 +60,83 @@ def analyze_store(
     from napari_maeprobe.tl.diagnostics import what_drives
 
     settings = settings or AnalysisSettings()
-    levels = levels or store.levels()
+    level = level_of(adata)
+    t0 = time.perf_counter()
+    report(progress, 0, 5, f"analysing {level}")
+    obs = adata.obs.reset_index(drop=True)
+    X = np.asarray(adata.X, dtype=np.float32)
+    n = len(obs)
+    valid = np.isfinite(X).all(axis=1)
+    keep = apply_filters(
+        obs, settings.foreground, settings.central, settings.balance_by,
+        settings.max_rows, settings.seed,
+    )  # fmt: skip
+    rows = keep[valid[keep]]
+    if len(rows) < 10:
+        raise MaeprobeInputError(
+            f"only {len(rows)} {level} rows are left to analyse after the filters",
+            "loosen the filters (--foreground/--central/--max-rows) or embed more cells",
+        )
+    P = pca(X[rows], settings.n_pcs, seed=settings.seed)
+    report(progress, 1, 5, f"analysing {level}")
+    balance = None
+    if settings.balance_by:
+        balance = obs[settings.balance_by].astype(str).to_numpy()[rows]
+    U, umap_info = umap_embed(
+        P, settings.n_neighbors, settings.min_dist, seed=settings.seed,
+        max_fit=settings.umap_max_fit, balance_by=balance, progress=progress,
+    )  # fmt: skip
+    report(progress, 2, 5, f"analysing {level}")
+    clusters = leiden(P, settings.n_neighbors, settings.resolution, seed=settings.seed)
+    adata.obs["leiden"] = _labels_column(clusters, rows, n).array
+    if settings.kmeans:
+        k_labels = kmeans(P, settings.kmeans, seed=settings.seed)
+        adata.obs["kmeans"] = _labels_column(k_labels, rows, n).array
+    elif "kmeans" in adata.obs:
+        del adata.obs["kmeans"]  # a k-means of an earlier analysis no longer matches
+    analysed = np.zeros(n, dtype=bool)
+    analysed[rows] = True
+    adata.obs["analysed"] = pd.array(analysed, dtype="boolean")
+    report(progress, 3, 5, f"analysing {level}")
+    drivers = what_drives(P, obs.iloc[rows].reset_index(drop=True), clusters,
+                          n_neighbors=settings.n_neighbors, seed=settings.seed,
+                          labels_name="leiden")  # fmt: skip
+    report(progress, 4, 5, f"analysing {level}")
+    rank = effective_rank(X[valid])
+    adata.obsm["X_pca"] = _scatter_rows(P, rows, n)
+    adata.obsm["X_umap"] = _scatter_rows(U, rows, n)
+    summary = {
+        "level": level, "rows": int(n), "analysed_rows": int(len(rows)),
+        "n_pcs": int(P.shape[1]), "n_leiden": int(clusters.max() + 1),
+        "effective_rank": float(rank), "umap": umap_info,
+        "settings": {k: v for k, v in vars(settings).items()},
+        "verdict": drivers.verdict, "seconds": round(time.perf_counter() - t0, 2),
+    }  # fmt: skip
+    adata.uns.setdefault(UNS_KEY, {}).setdefault("analysis", {})[level] = summary
+    adata.uns.setdefault(DRIVERS_KEY, {})[level] = drivers.to_uns()
+    set_colors(adata)
+    report(progress, 5, 5, f"analysing {level}")
+    return summary
+
+
+def analyze_store(
+    store: EmbeddingStore,
+    levels: list[str] | None = None,
+    settings: AnalysisSettings | None = None,
+    progress: ProgressCallback | None = None,
+    allow_incomplete: bool = False,
+) -> dict[str, dict]:
+    """:func:`analyze` each level of a store (default: all) and save the results into it.
+    Returns the summary per level. An incomplete store (an interrupted ``maeprobe embed``) is
+    refused unless ``allow_incomplete``."""
+    from napari_maeprobe.table import read_level, save_analysis
+
+    store.require_complete(allow_incomplete)
     out = {}
-    for level in levels:
-        t0 = time.perf_counter()
-        report(progress, 0, 5, f"analysing {level}")
-        obs, X = store.read_level(level)
-        valid = np.isfinite(X).all(axis=1)
-        keep = apply_filters(
-            obs, settings.foreground, settings.central, settings.balance_by,
-            settings.max_rows, settings.seed,
-        )  # fmt: skip
-        rows = keep[valid[keep]]
-        if len(rows) < 10:
-            raise MaeprobeInputError(
-                f"only {len(rows)} {level} rows are left to analyse after the filters",
-                "loosen the filters (--foreground/--central/--max-rows) or embed more cells",
-            )
-        Xs = X[rows]
-        P = pca(Xs, settings.n_pcs, seed=settings.seed)
-        report(progress, 1, 5, f"analysing {level}")
-        balance = None
-        if settings.balance_by:
-            balance = obs[settings.balance_by].astype(str).to_numpy()[rows]
-        U, umap_info = umap_embed(
-            P, settings.n_neighbors, settings.min_dist, seed=settings.seed,
-            max_fit=settings.umap_max_fit, balance_by=balance, progress=progress,
-        )  # fmt: skip
-        report(progress, 2, 5, f"analysing {level}")
-        clusters = leiden(P, settings.n_neighbors, settings.resolution, seed=settings.seed)
-        columns = {"leiden": _labels_column(clusters, rows, len(obs))}
-        if settings.kmeans:
-            columns["kmeans"] = _labels_column(
-                kmeans(P, settings.kmeans, seed=settings.seed), rows, len(obs)
-            )
-        analysed = np.zeros(len(obs), dtype=bool)
-        analysed[rows] = True
-        columns["analysed"] = pd.Series(analysed)
-        report(progress, 3, 5, f"analysing {level}")
-        sub = obs.iloc[rows].reset_index(drop=True)
-        drivers = what_drives(P, sub, clusters, n_neighbors=settings.n_neighbors,
-                              seed=settings.seed, labels_name="leiden")  # fmt: skip
-        report(progress, 4, 5, f"analysing {level}")
-        rank = effective_rank(X[valid])
-        arrays = {"X_pca": _scatter_rows(P, rows, len(obs)),
-                  "X_umap": _scatter_rows(U, rows, len(obs))}  # fmt: skip
-        summary = {
-            "level": level, "rows": int(len(obs)), "analysed_rows": int(len(rows)),
-            "n_pcs": int(P.shape[1]), "n_leiden": int(clusters.max() + 1),
-            "effective_rank": float(rank), "umap": umap_info,
-            "settings": {k: v for k, v in vars(settings).items()},
-            "verdict": drivers.verdict, "seconds": round(time.perf_counter() - t0, 2),
-        }  # fmt: skip
-        store.write_analysis(level, arrays, columns, {**summary, "drivers": drivers.to_dict()})
-        report(progress, 5, 5, f"analysing {level}")
-        out[level] = summary
+    for level in levels or store.levels():
+        adata = read_level(store, level)
+        out[level] = analyze(adata, settings, progress)
+        save_analysis(store, adata)
     return out
 
 

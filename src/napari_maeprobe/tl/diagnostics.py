@@ -19,6 +19,7 @@ import pandas as pd
 
 from napari_maeprobe.errors import MaeprobeInputError
 from napari_maeprobe.progress import ProgressCallback, report
+from napari_maeprobe.schema import column_kind
 from napari_maeprobe.tl.analysis import (
     _balanced_indices,
     _check_obs,
@@ -30,12 +31,8 @@ from napari_maeprobe.tl.analysis import nearest_neighbors as _nearest_neighbors
 #: columns that are never candidates: clusterings, bookkeeping, coordinates of maps
 SKIP_COLUMNS = frozenset({"leiden", "kmeans", "level", "analysed", "crop_index", "row", "index"})
 SKIP_PREFIXES = ("umap", "pca", "tsne", "x_umap", "x_pca", "x_tsne", "embedding")
-#: patch position columns: they also get a linear read-out (``position_r2``)
-POSITION_COLUMNS = ("patch_row", "patch_col", "patch_z")
 #: continuous columns are cut into this many quantile bins
 N_BINS = 10
-#: an integer column with at most this many values is categorical (else continuous)
-MAX_INT_LEVELS = 32
 #: below this AMI no column "explains" the clusters
 AMI_THRESHOLD = 0.05
 
@@ -84,6 +81,22 @@ class DriversReport:
                 table[col] = values.astype("int64" if col in ("n_values", "n_rows") else "float64")
         return cls(table, data["verdict"], data["labels_name"], dict(data.get("skipped", {})))
 
+    def to_uns(self) -> dict:
+        """The form kept in ``AnnData.uns["maeprobe_drivers"][level]`` (and written to h5ad)."""
+        return {
+            "verdict": self.verdict,
+            "labels": self.labels_name,
+            "table": self.table.copy(),
+            "skipped": dict(self.skipped),
+        }
+
+    @classmethod
+    def from_uns(cls, data: dict) -> DriversReport:
+        """Inverse of :meth:`to_uns` (also reads what an h5ad gives back)."""
+        table = pd.DataFrame(data["table"])
+        skipped = {str(k): str(v) for k, v in dict(data.get("skipped", {}) or {}).items()}
+        return cls(table, str(data.get("verdict", "")), str(data.get("labels", "")), skipped)
+
     def __str__(self) -> str:
         return f"{self.verdict}\n{self.table.to_string(index=False, float_format='%.3f')}"
 
@@ -100,16 +113,16 @@ def _json_value(v):
 
 
 def _column_kind(name: str, col: pd.Series) -> str:
-    """``categorical``, ``continuous`` or ``position`` (a categorical patch grid coordinate)."""
-    if name in POSITION_COLUMNS:
+    """``categorical``, ``continuous``, ``position`` (an ordinal patch grid coordinate) or
+    ``identifier``, from the schema's kind of the column (:mod:`napari_maeprobe.schema`)."""
+    kind = column_kind(name, col)
+    if kind == "ordinal":
         return "position"
-    if pd.api.types.is_bool_dtype(col) or not pd.api.types.is_numeric_dtype(col):
-        return "categorical"
-    n_unique = col.nunique(dropna=True)
-    if pd.api.types.is_integer_dtype(col):
-        idish = name.lower().endswith(("id", "_index", "index"))
-        return "categorical" if idish or n_unique <= MAX_INT_LEVELS else "continuous"
-    return "categorical" if n_unique <= N_BINS else "continuous"
+    if kind == "identifier":
+        return "identifier"
+    if kind == "continuous" and col.nunique(dropna=True) > N_BINS:
+        return "continuous"
+    return "categorical"
 
 
 def _codes(col: pd.Series, kind: str) -> np.ndarray:
@@ -125,6 +138,8 @@ def _codes(col: pd.Series, kind: str) -> np.ndarray:
 def _skip_reason(name: str, col: pd.Series, kind: str, labels_col: str | None) -> str | None:
     if name == labels_col:
         return "the labels themselves"
+    if kind == "identifier":
+        return "an identifier (it names things, it does not group them)"
     non_na = col.dropna()
     if len(non_na) == 0:
         return "all values missing"
