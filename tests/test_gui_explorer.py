@@ -120,6 +120,32 @@ def test_pick_cluster_diagnose_recolour_and_export(viewer, qtbot, sample_store, 
     assert png.read_bytes()[:4] == b"\x89PNG"
 
 
+def test_gui_export_equals_the_cli_export_of_the_same_rows(viewer, qtbot, sample_store, tmp_path):
+    """Before: the explorer wrote X_pca as (275, 2) and no drivers; the command line (275, 50)
+    with them. Now both are one function over the same table."""
+    import anndata as ad
+
+    from conftest import maeprobe
+
+    widget, _ = _explorer(viewer, qtbot, sample_store, level="channel")
+    gui = ad.read_h5ad(widget.export(tmp_path / "gui.h5ad"))
+    res = maeprobe("export", str(sample_store), "--format", "h5ad", "--level", "channel",
+                   "--out", str(tmp_path / "cli.h5ad"))  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    cli = ad.read_h5ad(tmp_path / "cli.h5ad")
+    pd.testing.assert_frame_equal(gui.obs, cli.obs)
+    np.testing.assert_array_equal(gui.X, cli.X)
+    assert set(gui.obsm) == set(cli.obsm) == {"X_pca", "X_umap"}
+    for key in cli.obsm:
+        assert gui.obsm[key].shape == cli.obsm[key].shape
+        np.testing.assert_array_equal(gui.obsm[key], cli.obsm[key])
+    assert cli.obsm["X_pca"].shape[1] > 2
+    assert set(cli.uns) <= set(gui.uns)
+    assert set(cli.uns["maeprobe"]) <= set(gui.uns["maeprobe"])
+    verdict = cli.uns["maeprobe_drivers"]["channel"]["verdict"]
+    assert gui.uns["maeprobe_drivers"]["channel"]["verdict"] == verdict
+
+
 def test_sample_with_embeddings_opens_a_working_explorer(viewer, qtbot):
     from napari_maeprobe._napari.hub import hub_for
 

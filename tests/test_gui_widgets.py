@@ -334,6 +334,7 @@ def test_embed_cancel_is_fast_and_leaves_the_gui_usable(docked, qtbot, errors, t
     assert finished.args == ["cancelled"] and not errors
     assert latency < 1.0
     assert task.engine.pid is None  # the model's worker process is gone
+    assert task.engine.cancelled and task.job.outcome.cancelled  # through the job layer
     assert embed.run_button.isEnabled() and not embed.cancel_button.isEnabled()
     assert "cancelled" in embed.status_label.text()
 

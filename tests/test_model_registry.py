@@ -11,7 +11,6 @@ import dataclasses
 import math
 
 import pytest
-import torch
 
 from napari_maeprobe.errors import MaeprobeInputError
 from napari_maeprobe.models.registry import MODEL_MODULES, create_model, get_spec, list_models
@@ -19,9 +18,10 @@ from napari_maeprobe.models.registry import MODEL_MODULES, create_model, get_spe
 SHARED = ("embed_dim", "depth", "num_heads", "mlp_ratio", "patch_size", "input_size")
 
 #: small architectures, so that each build takes milliseconds
+CAMAE_SMALL = dict(input_size=32, patch_size=8, embed_dim=24, depth=3, num_heads=2, max_channels=3)
 SMALL = {
-    "ca-mae": dict(input_size=32, patch_size=8, embed_dim=24, depth=3, num_heads=2, max_channels=3),
-    "default": dict(input_size=32, patch_size=8, embed_dim=24, depth=3, num_heads=2, max_channels=3),
+    "ca-mae": CAMAE_SMALL,
+    "default": CAMAE_SMALL,
     "vit-mae": dict(
         input_size=32, patch_size=8, embed_dim=24, depth=3, num_heads=2, decoder_embed_dim=12,
         decoder_depth=1, decoder_num_heads=2,
@@ -55,7 +55,7 @@ def _observe_camae(m) -> dict:
         mlp_ratio=_ratio(blk.mlp_hidden if parallel else blk.mlp.fc1.out_features, dim),
         max_channels=(vit.pos_embed.shape[1] - 1) // vit.grid**2,
         block="parallel" if parallel else "standard",
-        init_values=float(ls.gamma[0]) if hasattr(ls, "gamma") else None,
+        init_values=float(ls.gamma[0].detach()) if hasattr(ls, "gamma") else None,
         legacy_bias=blk.legacy_bias if parallel else None,
         decoder_embed_dim=dec.proj.out_features if dec else None,
         decoder_depth=len(dec.blocks) if dec else 0,
@@ -99,7 +99,7 @@ def _observe_dinov2(m) -> dict:
         num_heads=m.blocks[0].attn.num_heads,
         mlp_ratio=_ratio(m.blocks[0].mlp.fc1.out_features, dim),
         pos_embed_size=math.isqrt(m.pos_embed.shape[1] - 1) * proj.kernel_size[0],
-        init_values=float(ls.gamma[0]) if hasattr(ls, "gamma") else None,
+        init_values=float(ls.gamma[0].detach()) if hasattr(ls, "gamma") else None,
         eps=m.norm.eps,
         pool=m.pool,
     )
@@ -149,7 +149,7 @@ CHANGE = {
     "block": lambda cfg: "standard" if cfg.block == "parallel" else "parallel",
     "init_values": lambda cfg: None if cfg.init_values else 0.25,
     "legacy_bias": lambda cfg: not cfg.legacy_bias,
-    "decoder_embed_dim": 18,
+    "decoder_embed_dim": 20,
     "decoder_depth": 2,
     "decoder_num_heads": 3,
     "decoder_mlp_ratio": 2.0,

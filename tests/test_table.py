@@ -172,16 +172,16 @@ def test_read_levels_keeps_every_schema_column_in_order(patch_only_store):
 def test_schema_kinds_drive_diagnostics_and_colours():
     """The schema's kind of a column is what the diagnostics and the colour policy use."""
     from napari_maeprobe.pl.colors import color_kind
-    from napari_maeprobe.tl.diagnostics import _column_kind
+    from napari_maeprobe.tl.diagnostics import column_kind_of
 
     assert {c.kind for c in COLUMNS} <= {"identifier", "categorical", "ordinal", "continuous",
                                          "flag"}  # fmt: skip
     row = pd.Series(np.arange(12).repeat(3))
     assert column_kind("patch_row", row) == "ordinal"
     assert color_kind("patch_row", row) == "ordinal"
-    assert _column_kind("patch_row", row) == "position"
+    assert column_kind_of("patch_row", row) == "position"
     ids = pd.Series(np.arange(500))
-    assert column_kind("cell_id", ids) == "identifier" == _column_kind("cell_id", ids)
+    assert column_kind("cell_id", ids) == "identifier" == column_kind_of("cell_id", ids)
     # user metadata: inferred from the values
     assert column_kind("condition", pd.Series(["DMSO", "drug"] * 5)) == "categorical"
     assert column_kind("dose_um", pd.Series(np.linspace(0, 1, 50))) == "continuous"

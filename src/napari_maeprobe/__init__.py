@@ -1,5 +1,11 @@
 """napari-maeprobe: explore what masked-autoencoder microscopy models see in your cells.
 
+The pipeline, room by room: ``io`` (open data, export) -> ``pp`` (normalise, segment, crop,
+mask) -> ``embed`` (plan a job, run the model in a worker, write the store) -> ``table`` (one
+AnnData per level, columns defined in ``schema``) -> ``tl`` (analysis, diagnostics,
+evaluation) -> ``pl`` (colours, report, linking rows to pixels); ``models`` holds the registry
+and the models, ``progress`` the job layer, ``cli`` and ``demo`` the command line.
+
 The core library (this package minus ``_napari``) has no Qt import; napari only loads
 ``napari_maeprobe._napari`` through the manifest ``napari.yaml``. Top-level names are imported
 lazily so that ``import napari_maeprobe.models`` stays light (no dask, no napari).

@@ -31,6 +31,7 @@ import numpy as np
 
 from napari_maeprobe.errors import MaeprobeInputError
 from napari_maeprobe.io.image import MicroscopyImage, guess_axes
+from napari_maeprobe.pp.preprocessing import Z_MODES, project_z
 from napari_maeprobe.progress import Cancelled, Job, Outcome, guarded
 
 __all__ = ["Job", "Outcome", "guarded"]  # the job layer, re-exported for the widgets
@@ -41,7 +42,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-Z_MODES = ("max", "slice", "keep")  # max projection, one slice, native 3D
 
 
 # --------------------------------------------------------------------------- images from layers
@@ -142,19 +142,6 @@ def build_image(
     data = da.stack(arrays)
     scale = first.spatial(first.scale) if first.scale else (1.0,) * len(shape)
     translate = first.spatial(first.translate) if first.translate else (0.0,) * len(shape)
-    if data.ndim == 4 and z_mode != "keep":
-        n_z = data.shape[1]
-        if z_mode == "max":
-            data = data.max(axis=1)
-        else:
-            z = n_z // 2 if z_index is None else int(z_index)
-            if not 0 <= z < n_z:
-                raise MaeprobeInputError(
-                    f"slice {z} asked for but the stack has {n_z} slices (0..{n_z - 1})",
-                    "pick a slice inside the stack",
-                )
-            data = data[:, z]
-        scale, translate = scale[1:], translate[1:]
     meta = first.metadata or {}
     image_name = name or str(meta.get("maeprobe_image") or first.layer)
     physical = tuple(scale) if any(abs(s - 1.0) > 1e-9 for s in scale) else None
@@ -166,6 +153,9 @@ def build_image(
         scale=physical,
         dataset=str(meta.get("dataset", "")),
     )
+    if image.is_3d and z_mode != "keep":  # the one z rule (preprocessing.project_z)
+        image = project_z(image, z_mode, z_index)
+        scale, translate = scale[1:], translate[1:]
     return BuiltImage(image, tuple(scale), tuple(translate))
 
 

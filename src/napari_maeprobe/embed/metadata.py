@@ -9,7 +9,7 @@ import pandas as pd
 
 from napari_maeprobe.errors import MaeprobeInputError
 from napari_maeprobe.io.image import MicroscopyImage
-from napari_maeprobe.schema import OBS_COLUMNS
+from napari_maeprobe.schema import RESERVED
 
 
 def attach_metadata(images: Sequence[MicroscopyImage], table: str | Path) -> list[MicroscopyImage]:
@@ -24,7 +24,7 @@ def attach_metadata(images: Sequence[MicroscopyImage], table: str | Path) -> lis
             f"{path} has no 'image' column (columns: {', '.join(meta.columns)})",
             "add a column 'image' with the image names (file names without extension)",
         )
-    reserved = sorted(set(meta.columns) & (set(OBS_COLUMNS) - {"image"}))
+    reserved = sorted(set(meta.columns) & (RESERVED - {"image"}))
     if reserved:
         raise MaeprobeInputError(
             f"{path} has columns that the observation table already defines: {reserved}",

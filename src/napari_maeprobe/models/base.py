@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from napari_maeprobe.errors import MaeprobeInputError
+
 
 @dataclass
 class ModelOutput:
@@ -40,27 +42,34 @@ class ModelOutput:
 class MaeprobeModel(nn.Module):
     """Base class: a model maps preprocessed crops (and an optional mask) to :class:`ModelOutput`.
 
-    Subclasses set ``patch_size`` (``(py, px)`` or ``(pz, py, px)``), ``channel_agnostic``
-    (tokens per channel) and ``embed_dim``, and implement :meth:`forward`.
+    Subclasses are built from their config dataclass (kept as ``config``: the options with the
+    shared names ``embed_dim``, ``depth``, ``num_heads``, ``mlp_ratio``, ``patch_size``,
+    ``input_size``), set ``patch_size`` (``(py, px)`` or ``(pz, py, px)``), ``input_size`` (the
+    crop size they are built for), ``channel_agnostic`` (tokens per channel) and ``embed_dim``,
+    and implement :meth:`forward`.
     """
 
     patch_size: tuple[int, ...] = (16, 16)
+    input_size: tuple[int, ...] = ()
     channel_agnostic: bool = False
     embed_dim: int = 0
     has_decoder: bool = False
+    config = None
 
     def token_grid(self, shape: tuple[int, ...]) -> tuple[int, ...]:
         """Shape of the mask for one input of ``shape`` (C, [Z,] Y, X): ([C,] [gz,] gy, gx)."""
         spatial = shape[1:]
         if len(spatial) != len(self.patch_size):
-            raise ValueError(
-                f"{type(self).__name__} takes {len(self.patch_size)}D crops, got shape {shape}"
+            raise MaeprobeInputError(
+                f"{type(self).__name__} takes {len(self.patch_size)}D crops, got shape {shape}",
+                "project z-stacks for 2D models (--z max); keep them for 3D ones (--z keep)",
             )
         grid = []
         for s, p in zip(spatial, self.patch_size):
             if s % p:
-                raise ValueError(
-                    f"crop size {tuple(spatial)} is not a multiple of {self.patch_size}"
+                raise MaeprobeInputError(
+                    f"crop size {tuple(spatial)} is not a multiple of {self.patch_size}",
+                    "use a crop size that is a multiple of the patch size (--crop-size)",
                 )
             grid.append(s // p)
         return ((shape[0],) if self.channel_agnostic else ()) + tuple(grid)

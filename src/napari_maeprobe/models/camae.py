@@ -88,11 +88,13 @@ class CAMAEConfig:
                 "and by 4 (2D sin-cos positions)",
                 "pass embed_dim and num_heads that fit, e.g. embed_dim=384, num_heads=6",
             )
-        if self.decoder_depth < 0 or self.decoder_embed_dim % self.decoder_num_heads:
+        dim, heads = self.decoder_embed_dim, self.decoder_num_heads
+        if self.decoder_depth < 0 or dim % heads or dim % 4:
             raise MaeprobeInputError(
-                f"decoder_depth={self.decoder_depth}, decoder_embed_dim="
-                f"{self.decoder_embed_dim}, decoder_num_heads={self.decoder_num_heads} do not fit",
-                "pass decoder_depth >= 0 and a decoder_embed_dim divisible by decoder_num_heads",
+                f"decoder_depth={self.decoder_depth}, decoder_embed_dim={dim}, "
+                f"decoder_num_heads={heads} do not fit",
+                "pass decoder_depth >= 0 and a decoder_embed_dim divisible by decoder_num_heads "
+                "and by 4",
             )
 
 

@@ -241,6 +241,12 @@ class ViTMAEConfig:
             raise MaeprobeInputError(
                 f"decoder_depth={self.decoder_depth}", "pass decoder_depth >= 0 (0: no decoder)"
             )
+        for name in ("embed_dim", "decoder_embed_dim"):
+            if getattr(self, name) % 4:
+                raise MaeprobeInputError(
+                    f"{name}={getattr(self, name)} is not divisible by 4 (2D sin-cos positions)",
+                    f"pass a {name} divisible by 4",
+                )
 
 
 class ViTMAE(MaeprobeModel):

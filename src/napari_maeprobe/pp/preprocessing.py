@@ -16,9 +16,12 @@ from scipy import ndimage
 from napari_maeprobe.errors import MaeprobeInputError, NoCellsFoundError
 from napari_maeprobe.io.image import MicroscopyImage
 from napari_maeprobe.pp.boundaries import boundary_map, patch_fractions
+from napari_maeprobe.schema import OBS_COLUMNS
 
 NormMethod = Literal["percentile", "zscore", "none"]
 ZMode = Literal["max", "slice", "keep"]
+#: z-stacks: maximum projection, one slice, or native 3D
+Z_MODES: tuple[str, ...] = ("max", "slice", "keep")
 
 
 # --------------------------------------------------------------------------- intensities
@@ -129,7 +132,7 @@ def project_z(
                 "pick a slice inside the stack",
             )
         return image.with_data(image.data[:, z], scale=scale)
-    raise MaeprobeInputError(f"unknown z handling {mode!r}", "use 'max', 'slice' or 'keep'")
+    raise MaeprobeInputError(f"unknown z handling {mode!r}", f"use one of {', '.join(Z_MODES)}")
 
 
 # --------------------------------------------------------------------------- crops and tiles
@@ -407,21 +410,8 @@ def patch_table(
     return table[list(PATCH_COLUMNS)]
 
 
-#: the patch table's columns, in order (the observation columns of the export, plus crop_index)
-PATCH_COLUMNS = (
-    "dataset",
-    "image",
-    "cell_id",
-    "crop_index",
-    "channel",
-    "patch_row",
-    "patch_col",
-    "patch_z",
-    "centroid_y",
-    "centroid_x",
-    "centroid_z",
-    "patch_intensity",
-    "foreground",
-    "central",
-    "boundary_fraction",
+#: the patch table's columns, in order: the schema's observation columns (without ``level``),
+#: with the working column ``crop_index`` (the row of the crop in its CropSet) after ``cell_id``
+PATCH_COLUMNS: tuple[str, ...] = tuple(
+    c for name in OBS_COLUMNS[1:] for c in ((name, "crop_index") if name == "cell_id" else (name,))
 )

@@ -65,7 +65,8 @@ def check_embeddings(X: np.ndarray, min_rows: int = 2, name: str = "embeddings")
     return X
 
 
-def _check_obs(obs: pd.DataFrame, columns: Sequence[str]) -> None:
+def check_obs(obs: pd.DataFrame, columns: Sequence[str]) -> None:
+    """Refuse column names that the observation table does not have, naming those it has."""
     missing = [c for c in columns if c not in obs.columns]
     if missing:
         raise MaeprobeInputError(
@@ -218,7 +219,7 @@ def umap_embed(
     if max_fit < k + 2:
         raise MaeprobeInputError(f"max_fit={max_fit} is too small", f"use at least {k + 2}")
     if balance_by is not None:
-        fit_idx = _balanced_indices(_group_codes(pd.Series(balance_by)), max_fit, None, seed)
+        fit_idx = balanced_indices(group_codes(pd.Series(balance_by)), max_fit, None, seed)
     else:
         fit_idx = np.sort(np.random.default_rng(seed).choice(n, max_fit, replace=False))
     report(progress, 0, n, "UMAP: fitting on a sample")
@@ -414,7 +415,7 @@ def kmeans(X: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
 
 
 def _bool_column(obs: pd.DataFrame, column: str) -> np.ndarray:
-    _check_obs(obs, [column])
+    check_obs(obs, [column])
     col = obs[column]
     try:
         return col.astype("boolean").fillna(False).to_numpy(dtype=bool)
@@ -434,7 +435,7 @@ def central_mask(obs: pd.DataFrame) -> np.ndarray:
     return _bool_column(obs, "central")
 
 
-def _group_codes(values: pd.Series | pd.DataFrame) -> np.ndarray:
+def group_codes(values: pd.Series | pd.DataFrame) -> np.ndarray:
     """One integer per row for each distinct value (combination); NA is a group of its own."""
     if isinstance(values, pd.DataFrame):
         return values.groupby(list(values.columns), dropna=False, sort=True).ngroup().to_numpy()
@@ -463,9 +464,11 @@ def _quotas(sizes: np.ndarray, n_total: int, rng: np.random.Generator) -> np.nda
     return quota
 
 
-def _balanced_indices(
+def balanced_indices(
     codes: np.ndarray, n_total: int | None, n_per_group: int | None, seed: int
 ) -> np.ndarray:
+    """Row indices with as many rows per group (``codes``) as the groups allow: at most
+    ``n_per_group`` each, or ``n_total`` in all, sorted."""
     rng = np.random.default_rng(seed)
     groups, inverse, sizes = np.unique(codes, return_inverse=True, return_counts=True)
     if n_per_group is None and n_total is None:
@@ -501,14 +504,14 @@ def balanced_sample(
     neither, every group is cut to the size of the smallest one.
     """
     by = [by] if isinstance(by, str) else list(by)
-    _check_obs(obs, by)
+    check_obs(obs, by)
     for name, value in (("n_total", n_total), ("n_per_group", n_per_group)):
         if value is not None and int(value) < 1:
             raise MaeprobeInputError(f"{name}={value}", f"use a positive {name} (or None)")
     if len(obs) == 0:
         return np.zeros(0, dtype=np.int64)
-    codes = _group_codes(obs[by[0]] if len(by) == 1 else obs[by])
-    return _balanced_indices(codes, n_total, n_per_group, seed).astype(np.int64)
+    codes = group_codes(obs[by[0]] if len(by) == 1 else obs[by])
+    return balanced_indices(codes, n_total, n_per_group, seed).astype(np.int64)
 
 
 def apply_filters(

@@ -19,17 +19,17 @@ import pandas as pd
 
 from napari_maeprobe.errors import MaeprobeInputError
 from napari_maeprobe.progress import ProgressCallback, report
-from napari_maeprobe.schema import column_kind
+from napari_maeprobe.schema import ANALYSIS_COLUMNS, column_kind
 from napari_maeprobe.tl.analysis import (
-    _balanced_indices,
-    _check_obs,
-    _group_codes,
+    balanced_indices,
     check_embeddings,
+    check_obs,
+    group_codes,
+    nearest_neighbors,
 )
-from napari_maeprobe.tl.analysis import nearest_neighbors as _nearest_neighbors
 
 #: columns that are never candidates: clusterings, bookkeeping, coordinates of maps
-SKIP_COLUMNS = frozenset({"leiden", "kmeans", "level", "analysed", "crop_index", "row", "index"})
+SKIP_COLUMNS = frozenset({"level", *ANALYSIS_COLUMNS, "crop_index", "row", "index"})
 SKIP_PREFIXES = ("umap", "pca", "tsne", "x_umap", "x_pca", "x_tsne", "embedding")
 #: continuous columns are cut into this many quantile bins
 N_BINS = 10
@@ -112,7 +112,7 @@ def _json_value(v):
 # --------------------------------------------------------------------------- column handling
 
 
-def _column_kind(name: str, col: pd.Series) -> str:
+def column_kind_of(name: str, col: pd.Series) -> str:
     """``categorical``, ``continuous``, ``position`` (an ordinal patch grid coordinate) or
     ``identifier``, from the schema's kind of the column (:mod:`napari_maeprobe.schema`)."""
     kind = column_kind(name, col)
@@ -240,7 +240,7 @@ def what_drives(
         )
     labels_col = None
     if isinstance(labels, str):
-        _check_obs(obs, [labels])
+        check_obs(obs, [labels])
         labels_col, labels = labels, obs[labels]
     lab = pd.Series(np.asarray(labels) if not isinstance(labels, pd.Series) else labels.values)
     if len(lab) != X.shape[0]:
@@ -254,18 +254,18 @@ def what_drives(
     if columns is None:
         columns = _default_columns(obs, labels_col)
     else:
-        _check_obs(obs, columns)
+        check_obs(obs, columns)
 
     keep = np.flatnonzero(lab.notna().to_numpy())
-    lab_codes = _group_codes(lab.iloc[keep])
+    lab_codes = group_codes(lab.iloc[keep])
     if len(np.unique(lab_codes)) < 2:
         raise MaeprobeInputError(
             f"the {name} have a single value, so there is nothing to explain",
             "cluster with a higher resolution, or select part of the cells",
         )
     if len(keep) > max_rows:
-        keep = keep[_balanced_indices(lab_codes, max_rows, None, seed)]
-        lab_codes = _group_codes(lab.iloc[keep])
+        keep = keep[balanced_indices(lab_codes, max_rows, None, seed)]
+        lab_codes = group_codes(lab.iloc[keep])
     Xs = X[keep]
     sub = obs.iloc[keep].reset_index(drop=True)
     n = len(keep)
@@ -273,12 +273,12 @@ def what_drives(
     rng = np.random.default_rng(seed)
 
     report(progress, 0, len(columns) + 1, "what drives: neighbours")
-    neighbors, _ = _nearest_neighbors(Xs, k, seed)
+    neighbors, _ = nearest_neighbors(Xs, k, seed)
     rows, skipped = [], {}
     for i, col_name in enumerate(columns):
         report(progress, i + 1, len(columns) + 1, f"what drives: {col_name}")
         col = sub[col_name]
-        kind = _column_kind(col_name, col)
+        kind = column_kind_of(col_name, col)
         reason = _skip_reason(col_name, obs[col_name], kind, labels_col)
         if reason is None and col.nunique(dropna=True) < 2:
             reason = "one value only in the rows analysed"
