@@ -90,7 +90,7 @@ def real_embeddings(n_rows: int = N_ROWS, batch: int = 8) -> tuple[np.ndarray, d
     from napari_maeprobe.models.registry import create_model
 
     torch.set_num_threads(os.cpu_count() or 1)
-    model = create_model("ca-mae", random_init=True, img_size=WINDOW)
+    model = create_model("ca-mae", random_init=True, input_size=WINDOW)
     grid = (WINDOW // 16) ** 2
     rng = np.random.default_rng(0)
     images = _images()

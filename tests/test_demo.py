@@ -46,7 +46,9 @@ def test_demo_h5ad_has_every_level_and_contract_column_and_clusters_in_scanpy(de
     counts = adata.obs["level"].value_counts()
     assert counts["global"] == n2d
     n_imc = (adata.obs.query("level == 'global'").dataset == "imc_bodenmiller_5ch").sum()
-    assert counts["channel"] == 40 * 6 + 346 * 3 + n_imc * 5
+    n_cells = dict(zip(demo.summary.dataset, demo.summary.n_cells))
+    channels = {"alsf_cellpainting_6ch": 6, "cellprofiler_examplehuman_3ch": 3}
+    assert counts["channel"] == sum(n_cells[d] * c for d, c in channels.items()) + n_imc * 5
     assert counts["patch"] == counts["channel"] * 64  # 96-px crops, 12-px patches
     assert set(OBS_COLUMNS) | {"leiden"} <= set(adata.obs.columns)
     assert adata.X.dtype == np.float32 and np.isfinite(adata.X).all()
@@ -78,6 +80,16 @@ def test_demo_report_shows_umaps_by_channel_position_dataset_cluster_and_diagnos
     # on the bundled data, patch clusters follow position within the crop (what the report
     # must tell the user) more than anything biological
     assert re.match(r"clusters follow patch_(row|col)", demo.analysis["patch"]["verdict"])
+
+
+@pytest.mark.regression
+def test_regression_demo_cell_counts(demo):
+    """Regression test: the cell counts of the last accepted run of the built-in segmentation
+    on the bundled samples (a change shows up here; agreement with reference masks is
+    tested in test_segmentation.py)."""
+    n_cells = dict(zip(demo.summary.dataset, demo.summary.n_cells))
+    assert n_cells["alsf_cellpainting_6ch"] == 40
+    assert n_cells["cellprofiler_examplehuman_3ch"] == 346
 
 
 @pytest.mark.gui

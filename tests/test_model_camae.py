@@ -227,7 +227,10 @@ def test_openphenom_layout_matches_an_independent_forward(tmp_path, crops, fmt):
     assert moved > 1e-3
 
 
-def test_golden_outputs(crops):
+@pytest.mark.regression
+def test_regression_golden_outputs(crops):
+    """Regression test: numbers this code produced earlier, not an independent reference;
+    it catches an unintended change of the forward pass."""
     with torch.no_grad():
         out = _tiny_openphenom()(crops, attention=True)
     assert out.global_embedding.shape == (2, 48)

@@ -560,7 +560,10 @@ def test_self_attention_matches_torch_multihead():
 # --------------------------------------------------------------------------- golden numbers
 
 
-def test_golden_numbers(spots):
+@pytest.mark.regression
+def test_regression_golden_numbers(spots):
+    """Regression test: numbers this code produced earlier, not an independent reference;
+    it catches an unintended change of the forward pass."""
     model = tiny(seed=123)
     mask = spatial_mask(model, spots, seed=7)
     with torch.no_grad():

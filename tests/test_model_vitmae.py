@@ -481,7 +481,10 @@ def _deterministic(model: torch.nn.Module) -> None:
                 p.copy_(0.1 * wave)
 
 
-def test_golden_numbers(crops):
+@pytest.mark.regression
+def test_regression_golden_numbers(crops):
+    """Regression test: numbers this code produced earlier, not an independent reference;
+    it catches an unintended change of the forward pass."""
     m = create_model("vit-mae", random_init=True, in_chans=6, adapt="tile", embed_dim=32,
                      depth=2, num_heads=4, mlp_ratio=2.0, decoder_embed_dim=16, decoder_depth=1,
                      decoder_num_heads=2, decoder_mlp_ratio=2.0)  # fmt: skip
