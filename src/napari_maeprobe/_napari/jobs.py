@@ -185,12 +185,11 @@ class NamedJob:
 
 
 def error_message(exc: BaseException) -> str:
-    """What the user reads: the problem and its fix, or the error's type and message."""
-    if isinstance(exc, MaeprobeInputError):
-        return f"{exc.problem}. Fix: {exc.fix}." if exc.fix else f"{exc.problem}."
+    """What the user reads: the problem and its fix (the product's errors format themselves,
+    as on the command line), or the error's type and message."""
     from napari_maeprobe.embed.engine import WorkerCrashedError
 
-    if isinstance(exc, WorkerCrashedError):
+    if isinstance(exc, (MaeprobeInputError, WorkerCrashedError)):
         return str(exc)
     return f"{type(exc).__name__}: {exc}"
 

@@ -597,7 +597,8 @@ class InferenceEngine:
             why = f"exit code {code}"
         return WorkerCrashedError(
             f"the inference worker stopped while {doing} ({why}). Fix: use a smaller "
-            "--batch-size, or --device cpu; napari and your data are unaffected"
+            "--batch-size, or --device cpu; the store keeps every finished unit, so the same "
+            "command resumes"
         )
 
     def _send(self, item) -> None:

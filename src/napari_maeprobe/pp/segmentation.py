@@ -334,18 +334,6 @@ def cellpose_weights_available(weights: str | Path | None = None) -> tuple[bool,
     )
 
 
-def _torch_device(device: str):
-    import torch
-
-    if device == "auto":
-        device = (
-            "cuda"
-            if torch.cuda.is_available()
-            else ("mps" if torch.backends.mps.is_available() else "cpu")
-        )
-    return torch.device(device)
-
-
 def segment_cellpose(
     nucleus: np.ndarray,
     cell: np.ndarray | None,
@@ -371,7 +359,11 @@ def segment_cellpose(
     ok, why = cellpose_weights_available(weights)
     if not ok and not download:
         raise WeightsNotFoundError(why.split("; ")[0], why.split("; ", 1)[1])
-    dev = _torch_device(device)
+    import torch
+
+    from napari_maeprobe.embed.engine import resolve_device
+
+    dev = torch.device(resolve_device(device))  # the one rule for device 'auto'
     gpu = dev.type != "cpu"
     local = weights is not None and Path(weights).is_file()
     name = str(weights) if local else (str(weights) if weights else default_cellpose_model(major))
