@@ -236,10 +236,30 @@ def test_atomic_write_removes_temporaries_left_by_dead_processes(tmp_path):
     stale = tmp_path / temporary_name(target, pid=dead.pid)
     alive = tmp_path / temporary_name(target, pid=os.getppid())
     other = tmp_path / temporary_name(tmp_path / "other.h5ad", pid=dead.pid)
-    for p in (stale, alive, other):
+    old_style = tmp_path / ".out.h5ad.rr_geq6o.h5ad"  # named as earlier versions did
+    fresh_old_style = tmp_path / ".out.h5ad.a1b2c3d4.h5ad"
+    for p in (stale, alive, other, old_style, fresh_old_style):
         p.write_bytes(b"half")
+    os.utime(old_style, (0, 0))  # an earlier version's temporary file, untouched for long
     atomic_write(target, lambda p: p.write_bytes(b"whole"))
     assert target.read_bytes() == b"whole"
-    assert not stale.exists() and alive.exists() and other.exists()
+    assert not stale.exists() and not old_style.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        [target.name, alive.name, other.name])  # fmt: skip
+        [target.name, alive.name, other.name, fresh_old_style.name])  # fmt: skip
+
+
+def test_analyze_is_refused_while_another_process_writes_the_store(tmp_path, sample_dir, capsys):
+    import shutil
+
+    from napari_maeprobe.cli import main
+    from napari_maeprobe.embed.store import StoreLock
+
+    store = tmp_path / "imc.zarr"
+    shutil.copytree(sample_dir / "embeddings" / "imc_default.zarr", store)
+    before = _snapshot(tmp_path)
+    with StoreLock(store, "embed"):  # as a running `maeprobe embed` holds it
+        assert main(["analyze", str(store), "--levels", "global"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is being written by another maeprobe process (maeprobe embed, pid" \
+        in err[0], err  # fmt: skip
+    assert _snapshot(tmp_path) == before  # untouched, and the lock file is gone

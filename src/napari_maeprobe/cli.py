@@ -145,6 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--workers", type=int, default=0, help="processes that cut training crops")
 
+    from napari_maeprobe.embed import job  # light: the settings' defaults and choices
+
+    JOB = job.EmbedJob()  # noqa: N806  (the defaults of every embed option)
     embed = sub.add_parser(
         "embed",
         help="embed cells (or tiles) with a model into an embedding store (.zarr)",
@@ -153,29 +156,29 @@ def build_parser() -> argparse.ArgumentParser:
     )
     embed.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, OME-Zarr, folders")
     embed.add_argument("--out", required=True, type=Path, help="the store (.zarr folder)")
-    embed.add_argument("--model", default="default", help="a name from `maeprobe models`")
+    embed.add_argument("--model", default=JOB.model, help="a name from `maeprobe models`")
     embed.add_argument("--weights", help="weights file or folder (default: the model's own)")
     embed.add_argument(
-        "--levels", default="global,channel,patch", help="comma-separated: global,channel,patch"
+        "--levels", default=",".join(JOB.levels), help="comma-separated: global,channel,patch"
     )
-    embed.add_argument("--masking", default="none", choices=["none", "random", "boundary"])
-    embed.add_argument("--mask-ratio", type=float, default=0.75)
-    embed.add_argument("--tau", type=float, default=0.5, help="boundary-guided temperature")
-    embed.add_argument("--seed", type=int, default=0, help="seed of the masks")
-    embed.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
-    embed.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    embed.add_argument("--masking", default=JOB.masking, choices=job.MASKING_CHOICES)
+    embed.add_argument("--mask-ratio", type=float, default=JOB.mask_ratio)
+    embed.add_argument("--tau", type=float, default=JOB.tau, help="boundary-guided temperature")
+    embed.add_argument("--seed", type=int, default=JOB.seed, help="seed of the masks")
+    embed.add_argument("--device", default=JOB.device, help="auto, cpu, cuda or mps")
+    embed.add_argument("--precision", default=JOB.precision, choices=job.PRECISION_CHOICES)
     embed.add_argument("--batch-size", type=int, help="crops per batch (default: sized to memory)")
     embed.add_argument("--crop-size", type=int, help="crop side in pixels (default: the model's)")
-    embed.add_argument("--normalization", default="percentile",
-                       choices=["percentile", "zscore", "none"])  # fmt: skip
-    embed.add_argument("--dtype", default="float16", choices=["float16", "float32"],
+    embed.add_argument("--normalization", default=JOB.normalization,
+                       choices=job.NORMALIZATION_CHOICES)  # fmt: skip
+    embed.add_argument("--dtype", default=JOB.dtype, choices=job.STORE_DTYPES,
                        help="how embeddings are stored")  # fmt: skip
     embed.add_argument("--with-attention", action="store_true", help="store attention maps")
     embed.add_argument(
         "--with-reconstruction", action="store_true", help="store masked reconstructions"
     )
     embed.add_argument(
-        "--segmentation", default="auto", choices=["auto", "cellpose", "builtin", "none"],
+        "--segmentation", default=JOB.segmentation, choices=job.SEGMENTATION_CHOICES,
         help="how cells are found (none: tile the images instead of cropping cells)",
     )  # fmt: skip
     embed.add_argument(
@@ -343,9 +346,8 @@ def cmd_analyze(args) -> int:
         umap_max_fit=args.umap_max_fit, resolution=args.resolution, kmeans=args.kmeans,
         seed=args.seed,
     )  # fmt: skip
-    with store.lock("analyze"):  # one writer at a time
-        results = analyze_store(store, _levels(args.levels), settings, progress=args.progress,
-                                allow_incomplete=args.allow_incomplete)  # fmt: skip
+    results = analyze_store(store, _levels(args.levels), settings, progress=args.progress,
+                            allow_incomplete=args.allow_incomplete)  # fmt: skip
     for level, r in results.items():
         print(
             f"{level}: {r['analysed_rows']} of {r['rows']} rows; {r['n_leiden']} Leiden clusters; "

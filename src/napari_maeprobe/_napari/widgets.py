@@ -54,7 +54,7 @@ from napari_maeprobe._napari.jobs import (
     segment_image,
     warm_imports,
 )
-from napari_maeprobe.embed.job import EmbedJob
+from napari_maeprobe.embed.job import MASKING_CHOICES, EmbedJob
 from napari_maeprobe.errors import MaeprobeInputError
 from napari_maeprobe.io.image import MicroscopyImage
 
@@ -759,16 +759,16 @@ class EmbedWidget(QWidget):
             levels_row.addWidget(box)
         self.level_checks["channel"].setToolTip("per-channel embeddings (channel-agnostic models)")
         self.masking_combo = QComboBox()
-        self.masking_combo.addItems(["none", "random", "boundary"])
+        self.masking_combo.addItems(list(MASKING_CHOICES))
         self.masking_combo.currentIndexChanged.connect(self._update_controls)
         self.ratio_spin = QDoubleSpinBox()
         self.ratio_spin.setRange(0.0, 0.95)
         self.ratio_spin.setSingleStep(0.05)
-        self.ratio_spin.setValue(0.75)
+        self.ratio_spin.setValue(EmbedJob.mask_ratio)
         self.tau_spin = QDoubleSpinBox()
         self.tau_spin.setRange(0.01, 10.0)
         self.tau_spin.setSingleStep(0.1)
-        self.tau_spin.setValue(0.5)
+        self.tau_spin.setValue(EmbedJob.tau)
         self.tau_spin.setToolTip("boundary masking: how strongly boundary patches are preferred")
         self.attention_check = QCheckBox("attention maps")
         self.recon_check = QCheckBox("reconstructions")

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from napari_maeprobe.embed.engine import (
     LEVELS,
     EngineConfig,
 )
 from napari_maeprobe.errors import MaeprobeInputError
+
+#: the choices of each job setting: the command line, the GUI and :meth:`EmbedJob.check` read them
+MASKING_CHOICES = ("none", "random", "boundary")
+SEGMENTATION_CHOICES = ("auto", "cellpose", "builtin", "none")  # none: tile the images
+NORMALIZATION_CHOICES = ("percentile", "zscore", "none")
+PRECISION_CHOICES = ("auto", "fp32", "bf16", "fp16")
+STORE_DTYPES = ("float16", "float32")
 
 
 @dataclass
@@ -38,14 +45,13 @@ class EmbedJob:
     random_init: bool = False
 
     def engine_config(self) -> EngineConfig:
-        return EngineConfig(
-            model=self.model, weights=self.weights, model_options=dict(self.model_options),
-            device=self.device, precision=self.precision, batch_size=self.batch_size,
-            levels=tuple(self.levels), attention=self.attention,
-            reconstruction=self.reconstruction, masking=self.masking,
-            mask_ratio=self.mask_ratio, tau=self.tau, seed=self.seed,
-            random_init=self.random_init,
-        )  # fmt: skip
+        """The engine's settings: every :class:`EngineConfig` field this job also has (one
+        definition of each setting; the engine's other fields keep their defaults)."""
+        mine = {f.name for f in fields(self)}
+        values = {f.name: getattr(self, f.name) for f in fields(EngineConfig) if f.name in mine}
+        values["model_options"] = dict(self.model_options)
+        values["levels"] = tuple(self.levels)
+        return EngineConfig(**values)
 
     def check(self) -> None:
         """Refuse impossible settings before any work is done."""
@@ -55,7 +61,7 @@ class EmbedJob:
                 f"unknown level(s) {', '.join(bad) or '(none)'}",
                 "use --levels with some of global,channel,patch",
             )
-        if self.masking not in ("none", "random", "boundary"):
+        if self.masking not in MASKING_CHOICES:
             raise MaeprobeInputError(
                 f"unknown masking {self.masking!r}", "use --masking none, random or boundary"
             )
@@ -65,7 +71,7 @@ class EmbedJob:
             )
         if self.tau <= 0:
             raise MaeprobeInputError(f"tau {self.tau} must be positive", "pick e.g. --tau 0.5")
-        if self.dtype not in ("float16", "float32"):
+        if self.dtype not in STORE_DTYPES:
             raise MaeprobeInputError(
                 f"unknown store dtype {self.dtype!r}", "use --dtype float16 or float32"
             )

@@ -108,13 +108,11 @@ def export_store(
 
     if not isinstance(store, EmbeddingStore):
         store = EmbeddingStore(store)
-    state = store.require_complete(allow_incomplete)
+    store.require_complete(allow_incomplete)
     if fmt not in FORMATS:
         raise MaeprobeInputError(f"unknown export format {fmt!r}", "use h5ad, parquet or csv")
     levels = [level] if isinstance(level, str) else level
-    adata = read_levels(store, levels)
-    adata.uns.setdefault("maeprobe", {}).update(state.as_dict())
-    return write_table(adata, fmt, out)
+    return write_table(read_levels(store, levels), fmt, out)  # uns records complete + counts
 
 
 def to_anndata(store: EmbeddingStore, levels: Sequence[str] | None = None) -> ad.AnnData:

@@ -47,18 +47,28 @@ def temporary_name(path: Path, pid: int | None = None) -> str:
     return f".{path.name}.tmp-{host_tag()}-{pid}-{secrets.token_hex(4)}{path.suffix}"
 
 
+#: temporary files named the old way (no pid in the name) are stale after this long untouched
+LEGACY_TEMP_AGE_S = 3600
+
+
 def remove_stale_temporaries(path: Path) -> list[Path]:
     """Remove the temporary files of ``path`` left by processes of this machine that are gone
-    (a killed export); those of running processes and of other machines are kept."""
+    (a killed export); those of running processes and of other machines are kept. Temporary
+    files named the way earlier versions did (``.NAME.XXXXXXXX.SUFFIX``, no pid) are removed
+    once untouched for an hour."""
     pattern = re.compile(rf"^\.{re.escape(path.name)}\.tmp-([0-9a-f]{{8}})-(\d+)-[0-9a-f]+")
+    legacy = re.compile(rf"^\.{re.escape(path.name)}\.[a-z0-9_]{{8}}{re.escape(path.suffix)}$")
     removed = []
     try:
-        candidates = list(path.parent.glob(f".{glob.escape(path.name)}.tmp-*"))
+        candidates = list(path.parent.glob(f".{glob.escape(path.name)}.*"))
     except OSError:
         return removed
     for tmp in candidates:
         m = pattern.match(tmp.name)
-        if m is None or m.group(1) != host_tag() or pid_alive(int(m.group(2))):
+        if m is not None:
+            if m.group(1) != host_tag() or pid_alive(int(m.group(2))):
+                continue
+        elif legacy.match(tmp.name) is None or not _untouched_for(tmp, LEGACY_TEMP_AGE_S):
             continue
         try:
             tmp.unlink()
@@ -66,6 +76,15 @@ def remove_stale_temporaries(path: Path) -> list[Path]:
         except OSError:
             pass
     return removed
+
+
+def _untouched_for(path: Path, seconds: float) -> bool:
+    import time
+
+    try:
+        return time.time() - path.stat().st_mtime > seconds
+    except OSError:
+        return False
 
 
 def check_output_path(path: Path, folder: bool = False) -> None:
@@ -76,7 +95,7 @@ def check_output_path(path: Path, folder: bool = False) -> None:
     if path.is_dir() and not folder:
         raise MaeprobeInputError(
             f"cannot write {path}: {path} is a folder",
-            f"pass a file path, e.g. {path / ('out' + (path.suffix or '.h5ad'))}",
+            "pass a file path (e.g. a new file inside that folder), not a folder",
         )
     if path.exists() and not path.is_dir() and folder:
         raise MaeprobeInputError(
@@ -91,6 +110,8 @@ def check_output_path(path: Path, folder: bool = False) -> None:
             f"cannot write {path}: {parent} is a file, not a folder",
             "choose an output path inside a folder (or move that file away)",
         )
+    if folder and path.is_dir():  # an existing store is written inside, not beside
+        parent = path
     if parent.is_dir() and not os.access(parent, os.W_OK | os.X_OK):
         raise MaeprobeInputError(
             f"cannot write {path}: the folder {parent} is not writable",

@@ -128,15 +128,16 @@ def analyze_store(
 ) -> dict[str, dict]:
     """:func:`analyze` each level of a store (default: all) and save the results into it.
     Returns the summary per level. An incomplete store (an interrupted ``maeprobe embed``) is
-    refused unless ``allow_incomplete``."""
+    refused unless ``allow_incomplete``; the store's write lock is held meanwhile."""
     from napari_maeprobe.table import read_level, save_analysis
 
     store.require_complete(allow_incomplete)
     out = {}
-    for level in levels or store.levels():
-        adata = read_level(store, level)
-        out[level] = analyze(adata, settings, progress)
-        save_analysis(store, adata)
+    with store.lock("analyze"):  # one writer at a time, whoever calls (CLI, GUI, demo)
+        for level in levels or store.levels():
+            adata = read_level(store, level)
+            out[level] = analyze(adata, settings, progress)
+            save_analysis(store, adata)
     return out
 
 
