@@ -75,6 +75,7 @@ from napari_maeprobe.models.registry import (
     make_config,
     register_model,
     settle_config,
+    square_side,
 )
 from napari_maeprobe.models.vitmae import (
     IMAGENET_MEAN,
@@ -103,13 +104,7 @@ class DINOv2Config:
     pool: str = "cls"  # per-channel embedding: "cls" (pooler output) or "mean" of the patches
 
     def __post_init__(self) -> None:
-        if isinstance(self.input_size, (tuple, list)):
-            if len(set(self.input_size)) != 1:
-                raise MaeprobeInputError(
-                    f"input_size={self.input_size!r}: the default crop is square",
-                    "pass input_size= one side (other crops still work: --crop-size)",
-                )
-            self.input_size = int(self.input_size[0])
+        self.input_size = square_side(self.input_size, "DINOv2")
         check_positive(self, "input_size", "patch_size", "embed_dim", "depth", "num_heads")
         check_positive(self, "pos_embed_size")
         check_choice("pool", self.pool, _POOLS)

@@ -359,6 +359,20 @@ def check_choice(name: str, value, choices: Iterable) -> None:
         )
 
 
+def square_side(value, model: str) -> int:
+    """One side of a square input size (``224`` or ``(224, 224)``); refuses other shapes
+    (config ``__post_init__`` helper: the model's position table is square)."""
+    if isinstance(value, (tuple, list)):
+        if len(set(value)) != 1:
+            raise MaeprobeInputError(
+                f"{model} position tables are square, input_size={tuple(value)!r}",
+                "pass input_size= one side, e.g. input_size=224 (other crops still work: "
+                "--crop-size)",
+            )
+        return int(value[0])
+    return value
+
+
 def check_positive(config, *names: str) -> None:
     """Refuse non-positive integer options (config ``__post_init__`` helper)."""
     for name in names:

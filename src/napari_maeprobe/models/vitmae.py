@@ -79,6 +79,7 @@ from napari_maeprobe.models.registry import (
     make_config,
     register_model,
     settle_config,
+    square_side,
 )
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -222,13 +223,7 @@ class ViTMAEConfig:
     adapt: str = "zero"  # RGB -> in_chans: "zero" (extra channels zero) or "tile" (timm's)
 
     def __post_init__(self) -> None:
-        if isinstance(self.input_size, (tuple, list)):
-            if len(set(self.input_size)) != 1:
-                raise MaeprobeInputError(
-                    f"ViT-MAE position tables are square, input_size={self.input_size!r}",
-                    "pass input_size= one side, e.g. input_size=224",
-                )
-            self.input_size = int(self.input_size[0])
+        self.input_size = square_side(self.input_size, "ViT-MAE")
         check_positive(self, "input_size", "patch_size", "in_chans", "embed_dim", "depth")
         check_positive(self, "num_heads", "decoder_embed_dim", "decoder_num_heads")
         check_choice("adapt", self.adapt, ("zero", "tile"))
