@@ -116,9 +116,11 @@ def test_bad_model_and_channels(crops):
     eng = InferenceEngine(EngineConfig(**TINY))
     with pytest.raises(MaeprobeInputError, match=r"crop size \(64, 64\) is not a multiple"):
         list(eng.embed(np.zeros((2, 3, 64, 64), np.float32)))
-    eng = InferenceEngine(EngineConfig(**TINY))
-    with pytest.raises(MaeprobeInputError, match="1 to 11 channels"):
-        list(eng.embed(np.zeros((2, 12, 96, 96), np.float32)))
+    eng = InferenceEngine(EngineConfig(**TINY))  # channel-agnostic: 12 channels embed
+    (res,) = list(eng.embed(np.zeros((2, 12, 96, 96), np.float32)))
+    assert res.channel_embeddings.shape[:2] == (2, 12)
+    with pytest.raises(MaeprobeInputError, match="at least 1 channel, got 0"):
+        list(eng.embed(np.zeros((2, 0, 96, 96), np.float32)))
 
 
 def test_input_errors_are_not_swallowed_and_closed_engines_say_so(crops):

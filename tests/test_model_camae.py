@@ -259,16 +259,48 @@ def test_global_embedding_is_invariant_to_channel_order(crops):
     )
 
 
-def test_any_channel_count_from_1_to_11(crops):
+def test_any_channel_count(crops):
+    """1 to 41 channels (41 > the 11 slots the position table stores); 0 or a wrong crop size
+    are refused with one line naming the fix."""
     model = _tiny_openphenom()
-    for c in (1, 3, 11):
+    for c in (1, 3, 11, 12, 41):
         x = crops[:, [i % 6 for i in range(c)]]
         with torch.no_grad():
             assert model(x).channel_embeddings.shape == (2, c, 48)
-    with pytest.raises(MaeprobeInputError, match="1 to 11 channels.*--channels"):
-        model(crops[:, [0] * 12])
+    with pytest.raises(MaeprobeInputError, match="at least 1 channel.*--channels"):
+        model(crops[:, :0])
     with pytest.raises(MaeprobeInputError, match="64x64 crops.*--crop-size 64"):
         model(crops[:, :, :32, :32])
+
+
+def test_position_rows_for_any_channel_count():
+    """Up to the stored 11 slots the rows are the stored table's (as before); beyond, every
+    channel gets the published 2D sin-cos rows, as the CA-MAE design repeats them per channel."""
+    vit = _tiny_openphenom().backbone
+    for c in (1, 6, 11):
+        assert torch.equal(vit.channel_positions(c), vit.pos_embed[:, 1 : 1 + c * 16])
+    want = _published_sincos(48, 4, 41)[:, 1:]
+    torch.testing.assert_close(vit.channel_positions(41), want, atol=1e-6, rtol=0)
+
+
+def test_openphenom_checkpoint_embeds_41_channels_like_the_published_design(tmp_path, crops):
+    """An OpenPhenom-layout checkpoint (11 slots, loaded strictly) on 41 real channels matches
+    the independent forward with the sin-cos table written out for 41 channels."""
+    from safetensors.torch import save_file
+
+    state = _openphenom_like_state()
+    path = tmp_path / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    model = create_model("ca-mae", weights=path)
+    assert model.backbone.pos_embed.shape == (1, 1 + 11 * 16, 48)
+    x = crops[:, [i % 6 for i in range(41)]]
+    ref_state = dict(state)
+    ref_state[P + "pos_embed"] = _published_sincos(48, REF["side"], 41)
+    ref = _published_forward(ref_state, x.double() * 255.0)
+    with torch.no_grad():
+        out = model(x)
+    torch.testing.assert_close(out.global_embedding.double(), ref["global"], atol=2e-5, rtol=0)
+    torch.testing.assert_close(out.channel_embeddings.double(), ref["channels"], atol=2e-5, rtol=0)
 
 
 def test_legacy_bias_layout_numerics():

@@ -163,3 +163,51 @@ def test_checkpoint_filter_maps_our_safetensors_to_a_strict_load():
     cfg, state = checkpoint_filter(load_state_dict(DEFAULT_WEIGHTS), metadata)
     assert cfg == DefaultConfig()
     CAMAE(cfg).load_state_dict(state, strict=True)
+
+
+@pytest.fixture(scope="module")
+def two_windows() -> torch.Tensor:
+    """Two real 96 px windows of the 6-channel Cell Painting field."""
+    im, _ = load_sample("cellpainting")
+    arr = normalize(im.data[:, 400:592, 300:396].compute())
+    return torch.from_numpy(np.stack([arr[:, :96], arr[:, 96:]]))
+
+
+#: the default model's outputs on ``two_windows`` from the code before channels past the 11
+#: stored position slots were allowed (commit 0e8f9be; torch 2.x, CPU, float32)
+GOLDEN_6CH_GLOBAL = [
+    [-0.10687170, 0.35052681, 1.26095760, -1.15556371, 0.36895302, -0.42176309],
+    [0.11051273, -0.50657409, 0.17610829, -1.00953043, -0.23278801, 0.46843374],
+]
+GOLDEN_6CH_CHANNEL0 = [
+    [-0.96903902, 0.15759422, 0.11601727, 0.01325867, -0.13959089, 0.18052953],
+    [-0.05318659, -0.02340395, 0.34135059, 0.12878528, 0.06471992, 0.20481128],
+]
+
+
+@pytest.mark.regression
+def test_six_channel_outputs_are_unchanged_by_repeatable_positions(two_windows):
+    """Regression test: numbers the code produced before the position table was made to cover
+    any channel count; six channels must give them to 1e-6."""
+    model = create_model("default").eval()
+    with torch.no_grad():
+        out = model(two_windows)
+    got = out.global_embedding[:, :6].double()
+    torch.testing.assert_close(got, torch.tensor(GOLDEN_6CH_GLOBAL, dtype=torch.float64),
+                               atol=1e-6, rtol=0)  # fmt: skip
+    got = out.channel_embeddings[:, :, 0].double()
+    torch.testing.assert_close(got, torch.tensor(GOLDEN_6CH_CHANNEL0, dtype=torch.float64),
+                               atol=1e-6, rtol=0)  # fmt: skip
+
+
+def test_reconstructs_41_channels(two_windows):
+    """41 channels (the six real dyes repeated): masked reconstruction works past the 11 slots
+    the decoder was trained with; visible patches come back as they went in."""
+    x = two_windows[:, [i % 6 for i in range(41)]]
+    model = create_model("default").eval()
+    mask = make_mask("random", model.token_grid(tuple(x.shape[1:])), 2, 0.5, seed=0)
+    with torch.no_grad():
+        out = model(x, mask, reconstruction=True)
+    assert out.reconstruction.shape == x.shape and torch.isfinite(out.reconstruction).all()
+    visible = ~mask.repeat_interleave(12, -1).repeat_interleave(12, -2)
+    torch.testing.assert_close(out.reconstruction[visible], x[visible])

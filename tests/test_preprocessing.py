@@ -12,6 +12,7 @@ from napari_maeprobe.io.samples import load_sample
 from napari_maeprobe.pp.boundaries import boundary_map, patch_fractions
 from napari_maeprobe.pp.preprocessing import (
     cell_crops,
+    normalization_stats,
     normalize,
     patch_table,
     project_z,
@@ -56,6 +57,84 @@ def test_nan_is_refused_or_zeroed(sample_dir):
     with pytest.raises(MaeprobeInputError, match="1 pixel.*NaN.*channel.*YBX1"):
         normalize(arr, channel_names=["Ag107", "Cytokeratin 5", "Laminin", "YBX1", "H3K27Ac"])
     assert np.isfinite(normalize(arr, nan_policy="zero")).all()
+
+
+def test_nan_advice_names_what_exists(sample_dir):
+    """The fix names numpy.nan_to_num and normalize's nan_policy (both exist), not a command-line
+    flag that does not (before: ``--nan-to-zero``)."""
+    import inspect
+
+    from napari_maeprobe.cli import build_parser
+
+    arr = read_image(
+        sample_dir / "imc_bodenmiller_5ch/img/20210305_NE_mockData2_001.tiff"
+    ).to_numpy()
+    arr[1, 5, 5] = np.inf
+    with pytest.raises(MaeprobeInputError) as err:
+        normalize(arr)
+    msg = str(err.value)
+    assert "\n" not in msg and "--" not in msg
+    assert "numpy.nan_to_num" in msg and hasattr(np, "nan_to_num")
+    assert "nan_policy='zero'" in msg and "nan_policy" in inspect.signature(normalize).parameters
+    import argparse
+
+    (verbs,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    assert not any("--nan" in sub.format_help() for sub in verbs.choices.values())
+
+
+# ------------------------------------------------------------------------ sparse channels
+
+IMC_SPARSE = "20210305_NE_mockData1_002.tiff"  # Laminin (Sm147): 79 % of pixels are zero
+IMC_DENSE = "20210305_NE_mockData1_003.tiff"  # every channel: 30-47 % zero
+
+
+def _imc(sample_dir, name: str) -> np.ndarray:
+    return read_image(sample_dir / "imc_bodenmiller_5ch" / "img" / name).to_numpy()
+
+
+def test_sparse_imc_marker_keeps_its_bright_pixels(sample_dir):
+    """A real IMC marker with most pixels zero: the bright pixels (above the 99.8th percentile of
+    all pixels, where the old rule clipped every one to 1) keep distinct values, in their order."""
+    raw = _imc(sample_dir, IMC_SPARSE)[2]
+    assert (raw == 0).mean() > 0.5
+    out = normalize(raw[None])[0]
+    bright = raw >= np.percentile(raw, 99.8)
+    assert bright.sum() >= 5
+    vals = out[bright]
+    assert (vals < 1).sum() >= bright.sum() - 2  # not all saturated
+    order = np.argsort(raw[bright], kind="stable")
+    assert (np.diff(vals[order]) >= 0).all() and len(np.unique(vals)) >= len(vals) - 2
+    # the weakest non-zero counts stay above the zero background
+    assert (out[raw > 0] > 0).all() and (out[raw == 0] == 0).all()
+
+
+def test_sparse_marker_in_a_large_empty_field_is_not_zeroed(sample_dir):
+    """The same real IMC region inside a 1080 x 1080 acquisition with no tissue elsewhere (zero
+    counts): 99.95 % of the pixels are zero, so the 1st and 99.8th percentiles of all pixels are
+    both 0, which used to normalise the channel to all zeros."""
+    region = _imc(sample_dir, IMC_SPARSE)[2]
+    field = np.zeros((1, 1080, 1080), np.float32)
+    field[0, 500 : 500 + region.shape[0], 400 : 400 + region.shape[1]] = region
+    assert np.percentile(field, 99.8) == np.percentile(field, 1.0) == 0
+    stats, notes = normalization_stats(field)
+    assert notes[0].startswith("sparse (99.9")
+    out = normalize(field)[0]
+    assert (out[field[0] > 0] > 0).all()
+    assert out.max() == 1.0 and len(np.unique(out)) > 100
+
+
+def test_dense_channels_are_unchanged(sample_dir, cellpainting):
+    """Channels with at most half their pixels zero keep the plain [1, 99.8] percentiles
+    (computed here with numpy): IMC regions with dense markers and the Cell Painting field."""
+    for raw in (_imc(sample_dir, IMC_DENSE), cellpainting.data[:, :300, :300].compute()):
+        assert ((raw == 0).reshape(len(raw), -1).mean(axis=1) <= 0.5).all()
+        stats, notes = normalization_stats(raw)
+        want = np.percentile(raw.reshape(len(raw), -1).astype(np.float32), [1, 99.8], axis=1).T
+        np.testing.assert_allclose(stats, want, rtol=1e-6)
+        assert all(n.startswith("percentile") for n in notes)
+        lo, hi = want[:, 0, None, None], want[:, 1, None, None]
+        np.testing.assert_allclose(normalize(raw), np.clip((raw - lo) / (hi - lo), 0, 1),
+                                   atol=1e-6)  # fmt: skip
 
 
 def test_z_projection_and_slice(sample_dir):

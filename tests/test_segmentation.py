@@ -145,3 +145,172 @@ def test_cellpose4_api_is_called_as_documented(monkeypatch, tmp_path):
     init, ev = _FakeCellpose4Model.calls[-2:]
     assert init == ("init", str(weights))
     assert ev[1] == (2, 5, 32, 32) and ev[2]["do_3D"] and ev[2]["z_axis"] == 1
+
+
+# --------------------------------------------------------------------------- nucleus channel
+
+NUCLEAR_NAMES = [
+    "DNA", "DAPI_001", "Hoechst33342", "DNA1", "Ir191Di", "191Ir_DNA1", "Ir193", "HH3",
+    "H3", "Histone H3", "H3K27Ac", "DRAQ5", "DRAQ7", "PI", "propidium iodide", "SYTOX Green",
+    "RedDot2", "TO-PRO-3", "Nuc", "nuclei", "Nucleus",
+]  # fmt: skip
+#: names that contain a nuclear token's letters but are not nuclear stains
+NOT_NUCLEAR = ["AR", "PI3K", "PIK3CA", "PH3", "pHH3", "nucleolin", "NUP", "c0", "Cytokeratin 5",
+               "CD45", "Brightfield", "SHP2", "HER2"]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", NUCLEAR_NAMES)
+def test_nuclear_stain_names_are_recognised(name):
+    from napari_maeprobe.pp.segmentation import NUCLEUS_PATTERNS, pick_channel
+
+    assert pick_channel(["CD45", name], NUCLEUS_PATTERNS) == 1
+
+
+@pytest.mark.parametrize("name", NOT_NUCLEAR)
+def test_other_marker_names_never_match_as_nucleus(name):
+    from napari_maeprobe.pp.segmentation import NUCLEUS_PATTERNS, pick_channel
+
+    assert pick_channel([name], NUCLEUS_PATTERNS) is None
+
+
+def test_dna_beats_histone_marks_by_name():
+    from napari_maeprobe.pp.segmentation import NUCLEUS_PATTERNS, pick_channel
+
+    assert pick_channel(["H3K27Ac", "CD3", "DNA1"], NUCLEUS_PATTERNS) == 2
+
+
+def _renamed_real_images(sample_dir, shared_dir):
+    """Real multichannel images with the channel their source documents as nuclear, each
+    channel renamed to a meaningless name so that only the pixels can tell."""
+    from napari_maeprobe import read_image
+
+    cases = []
+    for key, nuc in (("cellpainting", "DNA"), ("examplehuman", "DNA")):
+        im, _ = load_sample(key)
+        cases.append((im, im.channel_names.index(nuc)))
+    nb = shared_dir / "neubias_small_multichannel"
+    # from that folder's README: c0 = DNA (dna_mts_actin), c1 = DNA (nup_nuclei, c0 is the rim)
+    cases.append((read_image(nb / "xyc_16bit__cell_dna_mts_actin.tif"), 0))
+    cases.append((read_image(nb / "xyc_16bit__nup_nuclei.tif"), 1))
+    for im in read_images(shared_dir / "hpa_if_4ch_localization/fov"):  # channels.csv: blue
+        cases.append((im, im.channel_names.index("nucleus")))
+    return [
+        (im.with_channel_names([f"x{j}" for j in range(im.n_channels)]), nuc) for im, nuc in cases
+    ]
+
+
+def test_nucleus_channel_by_content_on_renamed_real_images(sample_dir, shared_dir):
+    from napari_maeprobe.pp.segmentation import choose_nucleus_channel
+
+    cases = _renamed_real_images(sample_dir, shared_dir)
+    assert len(cases) == 7
+    for im, nuc in cases:
+        i, how = choose_nucleus_channel(im)
+        assert (im.name, i) == (im.name, nuc), how
+        assert how.startswith("by content")
+
+
+def test_segment_notes_how_the_nucleus_channel_was_chosen(sample_dir):
+    im, _ = load_sample("examplehuman")
+    seg = segment(im, "builtin")
+    assert seg.nucleus_choice == "by name" and "nucleus channel 'DNA' (by name)" in seg.notes
+    renamed = im.with_channel_names(["a", "b", "c"])
+    seg = segment(renamed, "builtin")
+    assert seg.nucleus_channel == "a" and seg.nucleus_choice.startswith("by content")
+    assert any(n.startswith("nucleus channel 'a' (by content") for n in seg.notes)
+
+
+# --------------------------------------------------------------------------- bad images
+
+
+def _imc_folder(tmp_path, sample_dir, n_good: int, n_empty: int):
+    """Real IMC regions copied into a folder with their panel; ``n_empty`` more copies with every
+    pixel of the nucleus channel set to zero (an empty plane, as a failed acquisition gives)."""
+    import shutil
+
+    src = sample_dir / "imc_bodenmiller_5ch"
+    folder = tmp_path / "imc" / "img"
+    folder.mkdir(parents=True)
+    shutil.copy(src / "panel.csv", tmp_path / "imc" / "panel.csv")
+    files = sorted((src / "img").glob("*.tiff"))
+    for f in files[:n_good]:
+        shutil.copy(f, folder / f.name)
+    for f in files[n_good : n_good + n_empty]:
+        data = tifffile.imread(f)
+        data[:] = 0  # every channel: an empty plane
+        tifffile.imwrite(folder / f"empty_{f.name}", data)
+    return folder
+
+
+def test_segment_cli_skips_an_empty_image_and_says_so(tmp_path, sample_dir):
+    from conftest import maeprobe
+
+    folder = _imc_folder(tmp_path, sample_dir, n_good=2, n_empty=1)
+    out = tmp_path / "seg"
+    proc = maeprobe("segment", str(folder), "--method", "builtin", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    skip = [ln for ln in proc.stderr.splitlines() if ln.startswith("skipped ")]
+    assert len(skip) == 1 and skip[0].startswith("skipped empty_") and "empty" in skip[0][20:]
+    assert skip[0].count("empty_") == 1  # named once
+    assert "1 of 3 image(s) skipped, 2 segmented" in proc.stdout
+    # the nucleus channel is said once per run, not once per image
+    assert proc.stdout.count("nucleus channel 'H3K27Ac' (by name)") == 1
+    assert "nucleus channel 'H3K27Ac' (by name): 2 images" in proc.stdout
+    assert len(list(out.glob("*_labels.tif"))) == 2
+    import pandas as pd
+
+    summary = pd.read_csv(out / "segmentation_summary.csv")
+    assert len(summary) == 2 and (summary.nucleus_choice == "by name").all()
+
+
+def test_segment_cli_exits_2_when_no_image_works(tmp_path, sample_dir):
+    from conftest import maeprobe
+
+    folder = _imc_folder(tmp_path, sample_dir, n_good=0, n_empty=2)
+    proc = maeprobe("segment", str(folder), "--method", "builtin", "--out", str(tmp_path / "o"))
+    assert proc.returncode == 2
+    assert proc.stderr.count("skipped ") == 2 and "none of the 2 image(s)" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_unreadable_pixels_are_skippable(sample_dir):
+    from napari_maeprobe.pp.segmentation import SKIPPABLE
+
+    im, _ = load_sample("imc")
+    data = im.to_numpy().astype(np.float32)
+    data[4, :5, :5] = np.nan  # a corrupted block in the nucleus channel
+    with pytest.raises(SKIPPABLE, match="NaN"):
+        segment(im.with_data(data), "builtin")
+
+
+def test_segment_images_skips_a_bad_image_and_keeps_the_others(sample_dir):
+    from napari_maeprobe.pp.segment_batch import segment_images
+
+    images = read_images(sample_dir / "imc_bodenmiller_5ch/img")[:3]
+    images[1] = images[1].with_data(np.zeros(images[1].data.shape, np.float32))
+    skipped: list = []
+    done = segment_images(images, "builtin", skipped=skipped)
+    assert [s.image.name for s in done] == [images[0].name, images[2].name]
+    assert len(skipped) == 1 and skipped[0][0] == images[1].name and "empty" in skipped[0][1]
+    with pytest.raises(NoCellsFoundError):  # without a list to report to, it raises as before
+        segment_images(images, "builtin")
+
+
+def test_embed_cli_skips_an_empty_image_and_embeds_the_others(tmp_path, sample_dir):
+    from conftest import maeprobe
+
+    folder = _imc_folder(tmp_path, sample_dir, n_good=1, n_empty=1)
+    out = tmp_path / "e.zarr"
+    args = ("embed", str(folder), "--segmentation", "builtin", "--levels", "global",
+            "--out", str(out))  # fmt: skip
+    proc = maeprobe(*args)
+    assert proc.returncode == 0, proc.stderr
+    skip = [ln for ln in proc.stderr.splitlines() if ln.startswith("skipped ")]
+    assert len(skip) == 1 and skip[0].startswith("skipped empty_"), proc.stderr
+    assert "1 of 2 image(s) skipped" in proc.stderr
+    from napari_maeprobe.embed.store import EmbeddingStore
+
+    cells = EmbeddingStore(out).cell_table()
+    assert set(cells["image"]) == {sorted(folder.glob("2*.tiff"))[0].stem} and len(cells) > 10
+    again = maeprobe(*args)  # resumes: the kept image's stored labels are found by its index
+    assert again.returncode == 0 and "0 units embedded" in again.stdout, again.stderr

@@ -50,11 +50,15 @@ EXAMPLES = {
 
 def _add_input_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--axes", help="axes of the input when they cannot be detected, e.g. ZCYX")
-    p.add_argument("--channel-names", help="comma-separated names, one per channel, in file order")
+    p.add_argument(
+        "--channel-names", help="comma-separated names, one per channel, in file order (each once)"
+    )
     p.add_argument("--channels", help="comma-separated channel names to keep, in this order")
     p.add_argument(
         "--channel-pattern",
-        help="regex with a group 'channel' that finds the channel in per-channel file names",
+        help="regex with a group 'channel' that finds the channel in per-channel file names, "
+        "e.g. '_(?P<channel>w\\d)' (folders are read with their sub-folders; an image is named "
+        "by its path below the folder given, e.g. PLATE/r01c01f03p01)",
     )
     p.add_argument(
         "--z",
@@ -185,7 +189,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--labels", type=Path, help="folder of <image>_labels.tif (from maeprobe segment)"
     )
     embed.add_argument("--diameter", type=float, help="nucleus/cell diameter for segmentation, px")
-    embed.add_argument("--metadata", type=Path, help="CSV with an 'image' column (condition, ...)")
+    embed.add_argument(
+        "--metadata", type=Path,
+        help="per-image table (CSV, TSV or Parquet) joined on image name, file path or "
+        "plate/well/site, whichever its columns allow",
+    )  # fmt: skip
+    embed.add_argument(
+        "--cell-metadata", type=Path,
+        help="per-cell table joined on image and cell id (label value), or on row order for a "
+        "crop stack",
+    )  # fmt: skip
+    embed.add_argument(
+        "--crop-fit", default="auto", choices=["auto", "pad", "resize"],
+        help="crop stacks (--axes NCYX): zero-pad or resize crops to the model's input "
+        "(auto: pad smaller, resize larger)",
+    )  # fmt: skip
     embed.add_argument("--scheduler", help="dask.distributed scheduler address, or 'local'")
     embed.add_argument("--overwrite", action="store_true", help="replace a store of another job")
     _add_input_options(embed)
@@ -249,12 +267,25 @@ def _load_inputs(args) -> list:
     from napari_maeprobe.io.reading import read_images
     from napari_maeprobe.pp.preprocessing import project_z
 
-    names = args.channel_names.split(",") if args.channel_names else None
+    """Read every input (files, folders, plate folder trees) into images, channels picked and
+    z handled; refuses two inputs that give images of the same name (rows could not be told
+    apart, nor joined to --metadata)."""
+    from napari_maeprobe.errors import MaeprobeInputError
+
+    names = [n.strip() for n in args.channel_names.split(",")] if args.channel_names else None
     images = []
+    origin: dict[str, str] = {}
     for inp in args.inputs:
         for im in read_images(
             inp, axes=args.axes, channel_names=names, channel_pattern=args.channel_pattern
         ):
+            if im.name in origin:
+                raise MaeprobeInputError(
+                    f"two images are named {im.name!r} (from {origin[im.name]} and {inp})",
+                    "pass the folder that holds both as one input: images are named by their "
+                    "path below the folder given, so they get distinct names",
+                )
+            origin[im.name] = str(inp)
             if args.channels:
                 im = select_channels(im, [c.strip() for c in args.channels.split(",")])
             images.append(project_z(im, args.z, args.z_index))
@@ -263,13 +294,17 @@ def _load_inputs(args) -> list:
 
 def cmd_segment(args) -> int:
     from napari_maeprobe.pp.segment_batch import (
+        nucleus_choice_lines,
         require_images,
+        say,
         segment_images,
+        skip_line,
         write_segmentation_outputs,
     )
 
     images = _load_inputs(args)
     require_images(images)
+    skipped: list[tuple[str, str]] = []
     segmented = segment_images(
         images,
         args.method,
@@ -278,30 +313,89 @@ def cmd_segment(args) -> int:
         args.diameter,
         args.cellpose_weights,
         progress=args.progress,
+        skipped=skipped,
     )
+    for name, why in skipped:  # one line per bad image; the others go on
+        say(skip_line(name, why))
+    if not segmented:
+        raise MaeprobeInputError(
+            f"none of the {len(images)} image(s) could be segmented (each is named above)",
+            "check the images and the nucleus channel (--nucleus-channel)",
+        )
+    for line in nucleus_choice_lines(segmented):  # once per run, not once per image
+        print(line)
     summary = write_segmentation_outputs(segmented, args.out)
-    for _, row in summary.iterrows():
+    for s, (_, row) in zip(segmented, summary.iterrows()):
         print(
             f"{row['image']}: {row['n_cells']} cells ({row['method']}, nucleus channel "
             f"{row['nucleus_channel']}) -> {args.out / (row['image'] + '_labels.tif')}"
         )
-        if row["notes"]:
-            print(f"  note: {row['notes']}")
+        notes = [n for n in s.segmentation.notes if not n.startswith("nucleus channel '")]
+        if notes:
+            print(f"  note: {'; '.join(notes)}")
+    if skipped:
+        print(f"{len(skipped)} of {len(images)} image(s) skipped, {len(segmented)} segmented")
     return 0
+
+
+def _load_embed_inputs(args) -> list:
+    """The inputs of ``embed``: crop stacks where ``--axes`` has an N (read by
+    :func:`napari_maeprobe.io.crops.read_crops`), images otherwise. A 4D or 5D ``.npy`` without
+    ``--axes`` is refused: it may be a z-stack or a stack of crops, and the file cannot say."""
+    import argparse as _argparse
+
+    import numpy as np
+
+    from napari_maeprobe.io.crops import read_crops
+
+    names = args.channel_names.split(",") if args.channel_names else None
+    crops = bool(args.axes) and "N" in args.axes.upper()
+    if args.crop_fit != "auto" and not crops:
+        raise MaeprobeInputError(
+            f"--crop-fit {args.crop_fit} applies to crop stacks, but no --axes with N was given",
+            "add --axes NCYX (or NCZYX) for a stack of single-cell crops, or drop --crop-fit",
+        )
+    out, rest = [], []
+    for inp in args.inputs:
+        path = Path(inp)
+        if crops:
+            stack = read_crops(path, axes=args.axes, channel_names=names)
+            if args.channels:
+                stack = stack.select_channels([c.strip() for c in args.channels.split(",")])
+            out.append(stack.with_fit(args.crop_fit))
+            continue
+        if not args.axes and path.suffix.lower() == ".npy" and path.is_file():
+            shape = np.load(path, mmap_mode="r", allow_pickle=False).shape
+            if len(shape) in (4, 5):
+                n = len(shape)
+                raise MaeprobeInputError(
+                    f"{path.name} is a {n}D array {shape} that records no axes: a z-stack or "
+                    "a stack of single-cell crops",
+                    "pass --axes NCZYX for 3D crops (one cell each)" if n == 5 else
+                    "pass --axes NCYX for crops (one cell each), or --axes ZCYX for a z-stack",
+                )
+        rest.append(inp)
+    if rest:
+        out.extend(_load_inputs(_argparse.Namespace(**{**vars(args), "inputs": rest})))
+    return out
 
 
 def cmd_embed(args) -> int:
     from napari_maeprobe.embed.job import EmbedJob
     from napari_maeprobe.embed.labels import find_labels
-    from napari_maeprobe.embed.metadata import attach_metadata
+    from napari_maeprobe.embed.metadata import join_cell_metadata, join_metadata
     from napari_maeprobe.embed.run_dask import close_clients
     from napari_maeprobe.embed.run_local import run_embedding
     from napari_maeprobe.pp.segment_batch import require_images
 
-    images = _load_inputs(args)
+    images = _load_embed_inputs(args)
     require_images(images)
     if args.metadata:
-        images = attach_metadata(images, args.metadata)
+        images, joined = join_metadata(images, args.metadata)
+        print(joined.summary("metadata"))
+    if args.cell_metadata:
+        images, joined = join_cell_metadata(images, args.cell_metadata)
+        print(joined.summary("cell metadata"))
     labels = find_labels(images, args.labels) if args.labels else None
     job = EmbedJob(
         model=args.model, weights=args.weights,

@@ -786,6 +786,11 @@ class EmbedWidget(QWidget):
         out_row.addWidget(self.out_edit, 1)
         out_row.addWidget(out_browse)
         self.overwrite_check = QCheckBox("replace a store that holds another job")
+        self.crops_check = QCheckBox("the selected layer is a crop stack (one cell per crop)")
+        self.crops_check.setToolTip(
+            "Embed the selected 4D/5D image layer as single-cell crops: crop axis first, then "
+            "channels ((N, C, Y, X) or (N, C, Z, Y, X)); no segmentation, each crop one cell"
+        )
 
         settings = QGroupBox("Model and settings")
         form = QFormLayout(settings)
@@ -800,6 +805,7 @@ class EmbedWidget(QWidget):
         form.addRow("Also store:", extras_row)
         form.addRow("Output store:", out_row)
         form.addRow(self.overwrite_check)
+        form.addRow(self.crops_check)
 
         self.run_button = QPushButton("Run")
         self.run_button.clicked.connect(self.run)
@@ -929,23 +935,45 @@ class EmbedWidget(QWidget):
     def is_running(self) -> bool:
         return self._worker is not None
 
+    def selected_crop_stack(self):
+        """The selected layer as a :class:`~napari_maeprobe.io.crops.CropStack` (crop axis
+        first, then channels; channel names from the layer's ``metadata["channel_names"]``)."""
+        from napari_maeprobe.io.crops import crop_stack_from_array
+
+        layer = self.viewer.layers.selection.active
+        if not isinstance(layer, napari.layers.Image) or layer.data.ndim not in (4, 5):
+            raise MaeprobeInputError(
+                "no crop stack is selected: a crop stack is a 4D or 5D image layer "
+                f"(selected: {getattr(layer, 'name', 'nothing')})",
+                "select the crop-stack layer in the layer list (crop axis first, then "
+                "channels), or untick 'the selected layer is a crop stack'",
+            )
+        data = np.asarray(layer.data)
+        names = layer.metadata.get("channel_names") if hasattr(layer, "metadata") else None
+        if names is not None and len(names) != data.shape[1]:
+            names = None
+        return crop_stack_from_array(data, names, name=layer.name)
+
     def run(self) -> None:
-        """Start embedding the current image (the Run button)."""
+        """Start embedding the current image, or the selected crop stack (the Run button)."""
         if self._worker is not None:
             return
         data = self.data_widget()
         try:
-            built = data.current_build()
-            labels = data.current_labels(built)
+            if self.crops_check.isChecked():
+                image, labels = self.selected_crop_stack(), None
+            else:
+                built = data.current_build()
+                image, labels = built.image, data.current_labels(built)
             job = self.current_job(data)
             job.check()
-            out = self.output_path(built.image.name, job.model)
+            out = self.output_path(image.name, job.model)
         except MaeprobeInputError as exc:
             _notify_error(exc)
             return
         task = EmbedTask(on_progress=self._relay.progress.emit)
-        fn = partial(task.run, built.image, out, job, labels, self.overwrite_check.isChecked())
-        named = NamedJob(f"maeprobe: embedding {built.image.name}", fn, job=task.job)
+        fn = partial(task.run, image, out, job, labels, self.overwrite_check.isChecked())
+        named = NamedJob(f"maeprobe: embedding {image.name}", fn, job=task.job)
         worker = create_worker(
             named, _start_thread=False, _ignore_errors=True, _worker_class=_CancellableWorker
         )
@@ -957,7 +985,9 @@ class EmbedWidget(QWidget):
         self.last_result = None
         self._set_running(True)
         n = "given cells" if labels is not None else f"cells segmented ({job.segmentation})"
-        self.status_label.setText(f"embedding {built.image.name} ({n}) with {job.model}")
+        if self.crops_check.isChecked():
+            n = f"{image.n_crops} crops, one cell each"
+        self.status_label.setText(f"embedding {image.name} ({n}) with {job.model}")
         self.summary_label.setText("")
         _busy(self.progress_bar, "starting...")
         worker.start()

@@ -114,6 +114,7 @@ class ModelInfo:
     device: str
     precision: str
     input_size: tuple[int, ...] = ()  # the crop size the model was built for ([Z,] Y, X)
+    n_channels: int | None = None  # the channel count the model takes (None: any number)
 
 
 def model_input_size(model) -> tuple[int, ...]:
@@ -239,6 +240,7 @@ class _Runner:
             self.device,
             self.precision,
             model_input_size(m),
+            None if getattr(m, "in_chans", None) is None else int(m.in_chans),
         )
 
     def batch_size(self, shape: tuple[int, ...], n: int) -> int:

@@ -69,6 +69,15 @@ class EmbedJob:
             raise MaeprobeInputError(
                 f"mask ratio {self.mask_ratio} is outside [0, 1)", "pick e.g. --mask-ratio 0.75"
             )
+        if self.crop_size is not None:
+            size = self.crop_size
+            sizes = list(size) if isinstance(size, (tuple, list)) else [size]
+            if any(int(v) <= 0 for v in sizes):
+                raise MaeprobeInputError(
+                    f"crop size {self.crop_size} is not a positive number of pixels",
+                    "pass a positive --crop-size (a multiple of the model's patch size), or "
+                    "leave it out to crop at the model's input size",
+                )
         if self.tau <= 0:
             raise MaeprobeInputError(f"tau {self.tau} must be positive", "pick e.g. --tau 0.5")
         if self.dtype not in STORE_DTYPES:

@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from napari_maeprobe.embed.engine import (
     ModelInfo,
@@ -21,6 +22,7 @@ from napari_maeprobe.pp.preprocessing import (
     channel_stats,
     check_finite,
     foreground_thresholds,
+    normalization_stats,
     project_z,
     tile_origins,
 )
@@ -39,6 +41,9 @@ class PlannedImage:
     thresholds: np.ndarray  # (C + 1,) foreground thresholds (preprocessing.foreground_thresholds)
     cell_ids: np.ndarray
     metadata: dict = field(default_factory=dict)
+    cell_obs: pd.DataFrame | None = None  # per-cell columns, indexed by cell id
+    crop_fit: str | None = None  # crop stacks: pad | resize (io.crops.fit_crops)
+    notes: list[str] = field(default_factory=list)  # per channel: how its statistics were chosen
 
     def info(self) -> dict:
         img = self.image
@@ -47,16 +52,37 @@ class PlannedImage:
             "source": [str(p) for p in img.source], "channels": list(img.channel_names),
             "shape": list(img.data.shape), "scale": list(img.scale) if img.scale else None,
             "n_cells": int(len(self.cell_ids)),
-            "normalization_stats": self.stats.tolist(), "otsu_thresholds": self.thresholds.tolist(),
+            "normalization_stats": self.stats.tolist(), "normalization_note": list(self.notes),
+            "otsu_thresholds": self.thresholds.tolist(),
+            **({"kind": "crops", "crop_fit": self.crop_fit} if self.crop_fit else {}),
         }  # fmt: skip
 
 
-def prepare_image(image: MicroscopyImage, job: EmbedJob, model_3d: bool) -> MicroscopyImage:
-    """Pick and order channels, and turn z-stacks into what the model takes."""
-    from napari_maeprobe.io.channels import select_channels
+def prepare_image(
+    image: MicroscopyImage, job: EmbedJob, model_3d: bool, info: ModelInfo | None = None
+) -> MicroscopyImage:
+    """Pick and order channels, and turn z-stacks into what the model takes.
 
+    With ``info``, a model with a fixed channel count refuses an image with another count
+    here, before any segmentation (:func:`check_channel_count`)."""
+    from napari_maeprobe.io.channels import select_channels
+    from napari_maeprobe.io.crops import CropStack
+
+    if isinstance(image, CropStack):  # crops: channels picked, 3D crops projected one by one
+        if job.channels:
+            image = image.select_channels(list(job.channels))
+        if info is not None:
+            check_channel_count(image, info)
+        if model_3d and not image.is_3d:
+            raise MaeprobeInputError(
+                f"{image.name} holds 2D crops but model {job.model!r} takes 3D crops",
+                "pass NCZYX crops, or pick a 2D model (maeprobe models)",
+            )
+        return image if model_3d else image.project_z(job.projection)
     if job.channels:
         image = select_channels(image, job.channels)
+    if info is not None:
+        check_channel_count(image, info)
     if image.is_3d and not model_3d:
         image = project_z(image, job.projection)
     if model_3d and not image.is_3d:
@@ -67,6 +93,31 @@ def prepare_image(image: MicroscopyImage, job: EmbedJob, model_3d: bool) -> Micr
     return image
 
 
+def check_channel_count(image: MicroscopyImage, info: ModelInfo) -> None:
+    """Refuse an image whose (picked) channels do not number what the model takes.
+
+    Channel-agnostic models (``info.n_channels is None``) take any count. Called while
+    planning, right after the channels are picked, so the refusal comes before segmentation
+    and names the image's channels and how to choose them."""
+    want = info.n_channels
+    have = list(image.channel_names)
+    if want is None or len(have) == want:
+        return
+    shown = ", ".join(have[:12]) + (f", ... ({len(have)} in all)" if len(have) > 12 else "")
+    example = ",".join(have[:want]) if len(have) >= want else None
+    fix = (
+        f"pick {want} channel(s) by name with --channels NAME,NAME,... (e.g. --channels "
+        f"{example})" if example else
+        f"pass images with {want} channel(s), or pick a model that takes any number of "
+        "channels (--model default; see maeprobe models)"
+    )  # fmt: skip
+    raise MaeprobeInputError(
+        f"{image.name} has {len(have)} channel(s) ({shown}) but model {info.name!r} takes "
+        f"exactly {want}",
+        fix,
+    )
+
+
 def plan_image(
     image: MicroscopyImage,
     job: EmbedJob,
@@ -75,9 +126,13 @@ def plan_image(
     patch_size: tuple[int, ...],
 ) -> PlannedImage:
     """Statistics, cells and Otsu thresholds of one image (labels already made or given)."""
+    from napari_maeprobe.io.crops import CropStack
+
+    if isinstance(image, CropStack):
+        return plan_crops(image, job, crop_size, patch_size)
     data = image.to_numpy()
     check_finite(data, image.name, image.channel_names)
-    stats = channel_stats(data, job.normalization)
+    stats, notes = normalization_stats(data, job.normalization)
     norm = apply_normalization(data[None], stats, job.normalization)[0]
     thresholds = foreground_thresholds(norm, patch_size)
     del norm
@@ -94,14 +149,49 @@ def plan_image(
                 "image with --segmentation none",
             )
     return PlannedImage(image, labels, stats, thresholds, cell_ids,
-                        dict(image.metadata.get("obs", {})))  # fmt: skip
+                        dict(image.metadata.get("obs", {})),
+                        image.metadata.get("cell_obs"), notes=notes)  # fmt: skip
+
+
+#: crops of a stack sampled for its normalisation statistics and Otsu thresholds
+CROP_SAMPLE = 512
+
+
+def plan_crops(stack, job: EmbedJob, crop_size: tuple[int, ...],
+               patch_size: tuple[int, ...]) -> PlannedImage:  # fmt: skip
+    """A crop stack: every crop one cell (``cell_id`` its index), statistics of the stack (from
+    up to :data:`CROP_SAMPLE` evenly spaced crops) and Otsu thresholds over the fitted crops
+    laid side by side (patch-sized blocks of a crop never straddle two crops)."""
+    from napari_maeprobe.io.crops import fit_crops, resolve_fit
+
+    fit = resolve_fit(stack.spatial_shape, crop_size, stack.fit)
+    n = stack.n_crops
+    pick = np.unique(np.linspace(0, n - 1, min(n, CROP_SAMPLE)).round().astype(int))
+    sample = np.asarray(stack.data[pick], dtype=np.float32)
+    check_finite(sample, stack.name, stack.channel_names)
+    stats = channel_stats(np.moveaxis(sample, 1, 0), job.normalization)
+    fitted = apply_normalization(fit_crops(sample, crop_size, fit)[0], stats, job.normalization)
+    thresholds = foreground_thresholds(np.concatenate(list(fitted), axis=-1), patch_size)
+    return PlannedImage(stack, None, stats, thresholds, np.arange(n, dtype=np.int64),
+                        dict(stack.metadata.get("obs", {})), stack.metadata.get("cell_obs"),
+                        fit)  # fmt: skip
 
 
 def crop_size_for(job: EmbedJob, info: ModelInfo) -> tuple[int, ...]:
-    size = job.crop_size or info.input_size
+    """The crop size of a job: ``job.crop_size`` (one side or one per axis) or the model's
+    input size; refused when not positive or not a multiple of the model's patch size."""
+    size = info.input_size if job.crop_size is None else job.crop_size
     if np.isscalar(size):
         size = (int(size),) * len(info.patch_size)
     size = tuple(int(s) for s in size)
+    if any(s <= 0 for s in size):
+        example = info.input_size[-1] if info.input_size else info.patch_size[-1]
+        raise MaeprobeInputError(
+            f"crop size {', '.join(map(str, size))} is not a positive number of pixels",
+            f"pass a positive --crop-size that is a multiple of the patch size "
+            f"{info.patch_size[-1]}, e.g. --crop-size {example}, or leave it out for the "
+            "model's own",
+        )
     if len(size) != len(info.patch_size) or any(s % p for s, p in zip(size, info.patch_size)):
         raise MaeprobeInputError(
             f"crop size {size} does not fit model {info.name!r} (patches of {info.patch_size})",
@@ -169,6 +259,8 @@ def describe_inputs(images: Sequence[MicroscopyImage]) -> list[dict]:
         entry = {"name": img.name, "dataset": img.dataset, "files": files}
         if not files:
             entry["sha256"] = hashlib.sha256(np.ascontiguousarray(img.to_numpy())).hexdigest()
+        if getattr(img, "fit", None) is not None:  # a crop stack: its axes and fit decide rows
+            entry["crops"] = {"axes": img.source_axes, "fit": img.fit}
         out.append(entry)
     return out
 

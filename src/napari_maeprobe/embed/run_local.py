@@ -28,9 +28,12 @@ from napari_maeprobe.embed.plan import (
 from napari_maeprobe.embed.run_dask import remote_model_info, run_distributed
 from napari_maeprobe.embed.store import EmbeddingStore
 from napari_maeprobe.embed.units import embed_unit
-from napari_maeprobe.errors import MaeprobeInputError
+from napari_maeprobe.errors import MaeprobeInputError, NoCellsFoundError
+from napari_maeprobe.io.crops import CropStack, check_crop_job
 from napari_maeprobe.io.image import MicroscopyImage
 from napari_maeprobe.pp.boundaries import boundary_map
+from napari_maeprobe.pp.segment_batch import say, skip_line
+from napari_maeprobe.pp.segmentation import SKIPPABLE
 from napari_maeprobe.progress import ProgressCallback, report
 
 
@@ -91,19 +94,42 @@ def run_embedding(
     try:
         info = engine.info if engine is not None else remote_model_info(scheduler, job)
         model_3d = len(info.patch_size) == 3
-        images = [prepare_image(img, job, model_3d) for img in images]
+        images = [prepare_image(img, job, model_3d, info) for img in images]
         crop_size = crop_size_for(job, info)
         seg_kind = "given" if any(g is not None for g in given) else job.segmentation
+        if any(isinstance(img, CropStack) for img in images):
+            check_crop_job(images, job, given)
+            seg_kind = "crops" if all(isinstance(i, CropStack) for i in images) else seg_kind
         n_c = max(img.n_channels for img in images)
         per_unit = per_unit or cells_per_unit((n_c, *crop_size))
         signature = job_signature(job, describe_inputs(images), info, seg_kind, per_unit)
         store = EmbeddingStore.open_for_job(out, signature, overwrite=overwrite)
-        planned = []
+        planned, skipped = [], []
         for i, img in enumerate(images):
             report(progress, i, len(images), "segmenting")
-            lab, method = labels_for(store, i, img, job, given[i])
-            planned.append(plan_image(img, job, lab, crop_size, tuple(info.patch_size)))
+            try:  # one bad image (no cells, empty plane, unreadable pixels) is skipped
+                if isinstance(img, CropStack):  # each crop is one cell: nothing to segment
+                    lab, method = None, "crops"
+                elif given[i] is not None and not np.any(given[i]):  # before it is stored
+                    raise NoCellsFoundError(
+                        f"{img.name}: its label image holds no cells",
+                        "pass the label image made from this image (maeprobe segment)",
+                    )
+                else:  # stored labels are keyed by the index among the images kept
+                    lab, method = labels_for(store, len(planned), img, job, given[i])
+                planned.append(plan_image(img, job, lab, crop_size, tuple(info.patch_size)))
+            except SKIPPABLE as exc:
+                skipped.append(img.name)
+                say(skip_line(img.name, exc))
+                continue
             planned[-1].metadata["segmentation"] = method
+        if not planned:
+            raise MaeprobeInputError(
+                f"none of the {len(images)} image(s) could be used (each is named above)",
+                "check the images and their nucleus channel",
+            )
+        if skipped:
+            say(f"{len(skipped)} of {len(images)} image(s) skipped")
         report(progress, len(images), len(images), "segmenting")
         store.set_images([p.info() for p in planned])
         n_patches = int(np.prod([s // q for s, q in zip(crop_size, info.patch_size)]))
@@ -114,6 +140,11 @@ def run_embedding(
         store.set_plan(units)
         todo = [u for u in units if not store.unit_complete(u.key)]
         facts = job_facts(job, info, crop_size)
+        fits = {p.image.name: p.crop_fit for p in planned if p.crop_fit}
+        if fits:  # crop stacks: how crops met the model's input (pad | resize)
+            facts["crop_fit"] = fits.popitem()[1] if len(set(fits.values())) == 1 else fits
+            if seg_kind == "crops":
+                facts["segmentation"] = "crops"
         store.set_facts(facts)
         total = sum(len(u.cell_ids) for u in units)
         done = total - sum(len(u.cell_ids) for u in todo)

@@ -36,6 +36,8 @@ def unit_crops(
     normalization: str = "percentile",
 ) -> CropSet:
     """The normalised crops of one unit's cells (tiles without segmentation)."""
+    if p.crop_fit is not None:
+        return _stack_crops(p, unit, crop_size, normalization)
     data = p.image.to_numpy()
     img = p.image
     if p.labels is None:
@@ -53,6 +55,36 @@ def unit_crops(
     return crops
 
 
+def _stack_crops(
+    p: PlannedImage, unit: UnitSpec, crop_size: tuple[int, ...], normalization: str
+) -> CropSet:
+    """A crop stack's crops for one unit: each one cell, fitted to ``crop_size`` (pad |
+    resize), centroids at the crop's own centre, in the crop's own pixel coordinates."""
+    from napari_maeprobe.io.crops import fit_crops
+
+    stack = p.image
+    ids = np.asarray(unit.cell_ids, dtype=np.int64)
+    fitted, masks, origins = fit_crops(np.asarray(stack.data[ids]), crop_size, p.crop_fit)
+    centre = (np.asarray(stack.spatial_shape, dtype=np.float64) - 1) / 2.0
+    crops = CropSet(fitted, masks, None, ids, origins, np.tile(centre, (len(ids), 1)),
+                    tuple(crop_size), "cell", stack.name, tuple(stack.channel_names))  # fmt: skip
+    crops.crops = apply_normalization(crops.crops, p.stats, normalization)
+    return crops
+
+
+def _with_cell_obs(frame: pd.DataFrame, cell_obs: pd.DataFrame | None) -> pd.DataFrame:
+    """The per-cell columns of ``cell_obs`` (indexed by cell id) added to each row by its
+    ``cell_id`` (cells without a row: NA)."""
+    if cell_obs is None or not len(cell_obs.columns):
+        return frame
+    ids = frame["cell_id"].astype("int64").to_numpy()
+    looked = cell_obs.reindex(ids)
+    for col in cell_obs.columns:
+        if col not in frame:
+            frame[col] = pd.Categorical(looked[col].astype("string").to_numpy())
+    return frame
+
+
 def unit_obs(
     p: PlannedImage, crops: CropSet, info: ModelInfo, levels: Sequence[str]
 ) -> dict[str, pd.DataFrame]:
@@ -68,15 +100,16 @@ def unit_obs(
         cells["centroid_z"] = crops.centroids[:, 0]
     out: dict[str, pd.DataFrame] = {}
     if "global" in levels:
-        out["global"] = conform(cells, "global", p.metadata)
+        out["global"] = _with_cell_obs(conform(cells, "global", p.metadata), p.cell_obs)
     if "channel" in levels and info.channel_agnostic:
         per_channel = cells.loc[cells.index.repeat(n_c)].reset_index(drop=True)
         per_channel["channel"] = list(img.channel_names) * n
-        out["channel"] = conform(per_channel, "channel", p.metadata)
+        out["channel"] = _with_cell_obs(conform(per_channel, "channel", p.metadata),
+                                        p.cell_obs)  # fmt: skip
     if "patch" in levels:
         table = patch_table(crops, info.patch_size, per_channel=info.channel_agnostic,
                             dataset=img.dataset, thresholds=p.thresholds)  # fmt: skip
-        out["patch"] = conform(table, "patch", p.metadata)
+        out["patch"] = _with_cell_obs(conform(table, "patch", p.metadata), p.cell_obs)
     return out
 
 

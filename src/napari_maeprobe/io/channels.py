@@ -12,8 +12,11 @@ from napari_maeprobe.errors import MaeprobeInputError
 from napari_maeprobe.io.image import MicroscopyImage
 
 CHANNEL_TABLE_FILES = ("panel.csv", "channels.csv")
-#: columns of a channel table that hold a usable channel name, best first
-NAME_COLUMNS = ("name", "marker", "channel_name", "cellprofiler_name", "target", "stain", "channel")
+#: columns of a channel table that hold a usable channel name, best first (a ``channel`` column
+#: of plain numbers is an index, not a name, and is passed over)
+NAME_COLUMNS = ("name", "marker", "channel", "channel_name", "cellprofiler_name", "target", "stain")
+#: columns that hold the part of a per-channel file name that names the channel
+TOKEN_COLUMNS = ("file_suffix", "file_token", "suffix", "token")
 #: channel tokens in file names: ch1, c02, w1, d0 (ImageXpress), channel3, or colour/stain words
 CHANNEL_TOKEN = re.compile(
     r"^(ch|c|w|d|channel)\d+$|^(blue|green|red|yellow|far\w*|dapi|hoechst|gfp|rfp|yfp|cfp|"
@@ -52,7 +55,10 @@ def read_channel_table(path: Path) -> pd.DataFrame:
         table = table[table["keep"].fillna(0).astype(int) == 1]
     if "channel_index" in table.columns:
         table = table.sort_values("channel_index")
-    column = next((c for c in NAME_COLUMNS if c in table.columns), None)
+    token = next((c for c in TOKEN_COLUMNS if c in table.columns), None)
+    if token is not None and token != "file_suffix" and "file_suffix" not in table.columns:
+        table = table.rename(columns={token: "file_suffix"})
+    column = next((c for c in NAME_COLUMNS if c in table.columns and _names_column(table[c])), None)
     if column is None:
         raise MaeprobeInputError(
             f"channel table {path} has no name column (columns: {', '.join(table.columns)})",
@@ -60,7 +66,29 @@ def read_channel_table(path: Path) -> pd.DataFrame:
         )
     table = table.reset_index(drop=True)
     table["name"] = [_clean_name(v, column) for v in table[column]]
+    check_unique_names(list(table["name"]), f"channel table {path}", "rename them in the table")
     return table
+
+
+def _names_column(values: pd.Series) -> bool:
+    """Whether a column holds names (not only numbers, such as a channel index)."""
+    text = [str(v).strip() for v in values.dropna()]
+    return bool(text) and not all(re.fullmatch(r"\d+(\.0)?", v) for v in text)
+
+
+def check_unique_names(names: Sequence[str], where: str, fix: str) -> None:
+    """Refuse channel names that repeat, naming the repeated ones: two channels with one name
+    could not be told apart when picking channels or reading the table."""
+    seen: dict[str, int] = {}
+    for n in names:
+        seen[str(n)] = seen.get(str(n), 0) + 1
+    dup = [n for n, k in seen.items() if k > 1]
+    if dup:
+        raise MaeprobeInputError(
+            f"{where}: channel name(s) {', '.join(repr(d) for d in dup)} given to more than one "
+            f"channel ({', '.join(str(n) for n in names)})",
+            fix,
+        )
 
 
 def names_from_table(path: Path | None, n_channels: int) -> list[str] | None:

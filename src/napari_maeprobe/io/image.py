@@ -46,10 +46,13 @@ class MicroscopyImage:
                 f"{self.data.shape[0]} channels ({', '.join(self.channel_names)})",
                 "give exactly one name per channel",
             )
-        if len(set(self.channel_names)) != len(self.channel_names):
+        dup = sorted({n for n in self.channel_names if self.channel_names.count(n) > 1})
+        if dup:
             raise MaeprobeInputError(
-                f"{self.name}: channel names are not unique ({', '.join(self.channel_names)})",
-                "give every channel its own name",
+                f"{self.name}: channel name(s) {', '.join(repr(d) for d in dup)} given to more "
+                f"than one channel ({', '.join(self.channel_names)})",
+                "give every channel its own name (channel_names=... / --channel-names, or fix "
+                "the names in the file's metadata or its panel.csv / channels.csv)",
             )
 
     @property

@@ -50,7 +50,7 @@ register_model(
     ModelSpec(
         name="default",
         summary="small CA-MAE of our own, trained on the bundled real images (runs offline)",
-        channels=f"1-{DEFAULT_CONFIG.max_channels}",
+        channels="1+",  # any number: the position table is repeated per channel
         input_size=f"{DEFAULT_CONFIG.input_size}x{DEFAULT_CONFIG.input_size}",
         embed_dim=DEFAULT_CONFIG.embed_dim,
         licence="BSD-3-Clause (this package)",

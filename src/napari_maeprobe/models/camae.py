@@ -57,7 +57,7 @@ class CAMAEConfig:
     depth: int = 12
     num_heads: int = 6
     mlp_ratio: float = 4.0
-    max_channels: int = 11  # channels the position table is repeated for
+    max_channels: int = 11  # channel slots stored in the position table (more are repeated)
     block: str = "parallel"  # "parallel" (ParallelScalingBlock, OpenPhenom) or "standard"
     init_values: float | None = 1e-4  # LayerScale at init; None: no LayerScale
     legacy_bias: bool = True  # timm < 1.0.25 routing of the parallel block's mlp_bias
@@ -143,6 +143,20 @@ class ChannelAgnosticViT(nn.Module):
         self.blocks = nn.ModuleList(blocks)
         self.fc_norm = nn.LayerNorm(embed_dim, eps=1e-6)  # in the checkpoint, unused by MAE
 
+    def channel_positions(self, c: int) -> torch.Tensor:
+        """The position rows of ``c`` channels' patch tokens, (1, c * grid**2, D).
+
+        The stored table holds ``max_channels`` copies of one 2D sin-cos table (OpenPhenom's
+        layout, loaded strictly); for more channels it is repeated, so channel ``k`` gets the
+        rows of slot ``k mod max_channels``: the same rows as every other channel when, as in
+        OpenPhenom and our models, the copies are identical. Up to ``max_channels`` the rows
+        are a slice of the stored table, as before."""
+        rows = self.pos_embed[:, 1:]
+        need = c * self.grid * self.grid
+        if need > rows.shape[1]:
+            rows = rows.repeat(1, -(-need // rows.shape[1]), 1)
+        return rows[:, :need]
+
 
 class CAMAEEncoder(nn.Module):
     def __init__(self, cfg: CAMAEConfig) -> None:
@@ -178,13 +192,23 @@ class CAMAEDecoder(nn.Module):
         self.pred = nn.Linear(dim, patch * patch)
         nn.init.normal_(self.mask_token, std=0.02)
 
+    def slot_positions(self, c: int) -> torch.Tensor:
+        """The channel-slot sin-cos rows of ``c`` channels, (c, dim): the built table up to
+        its ``slots`` rows, the same formula beyond (a fixed table, nothing learned; slots past
+        the training's channel count are positions the decoder has not seen)."""
+        if c <= self.slot_pos.shape[0]:
+            return self.slot_pos[:c]
+        dim = self.slot_pos.shape[1]
+        slot = sincos_1d(dim, torch.arange(c, dtype=torch.float64) * 7.0)
+        return slot.to(self.slot_pos.device, self.slot_pos.dtype)
+
     def forward(self, visible: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """visible (B, n_vis, D) in token order; mask (B, C, L) -> pixels (B, C, L, p*p)."""
         b, c, n = mask.shape
         dim = self.mask_token.shape[-1]
         full = self.mask_token.expand(b, c * n, dim).clone()
         full[~mask.reshape(b, -1)] = self.proj(visible).reshape(-1, dim).to(full.dtype)
-        pos = self.spatial_pos[None, :n] + self.slot_pos[:c, None]  # (C, L, dim)
+        pos = self.spatial_pos[None, :n] + self.slot_positions(c)[:, None]  # (C, L, dim)
         x = full + pos.reshape(1, c * n, dim).to(full.dtype)
         for blk in self.blocks:
             x, _ = blk(x)
@@ -192,7 +216,10 @@ class CAMAEDecoder(nn.Module):
 
 
 class CAMAE(MaeprobeModel):
-    """Channel-agnostic MAE: 1 to ``max_channels`` channels at ``input_size`` x ``input_size``.
+    """Channel-agnostic MAE: any number of channels at ``input_size`` x ``input_size``.
+
+    The position table is a fixed sin-cos table repeated per channel, so channels beyond the
+    stored ``max_channels`` slots reuse it (:meth:`ChannelAgnosticViT.channel_positions`).
 
     Built from a :class:`CAMAEConfig` (default: OpenPhenom's ViT-S/16 at 256, no decoder) and/or
     its options as keywords; ``decoder_depth > 0`` adds our light decoder.
@@ -245,10 +272,10 @@ class CAMAE(MaeprobeModel):
                 f"CA-MAE takes {s}x{s} crops, got {tuple(x.shape[-2:])}",
                 f"crop or tile to {s}x{s} (--crop-size {s})",
             )
-        if not 1 <= x.shape[1] <= vit.max_channels:
+        if x.shape[1] < 1:
             raise MaeprobeInputError(
-                f"CA-MAE takes 1 to {vit.max_channels} channels, got {x.shape[1]}",
-                f"keep at most {vit.max_channels} channels (--channels NAME,...)",
+                "CA-MAE takes at least 1 channel, got 0",
+                "pick at least one channel (--channels NAME,...)",
             )
 
     def forward(
@@ -267,7 +294,7 @@ class CAMAE(MaeprobeModel):
         tok = vit.patch_embed.proj(z.reshape(b * c, 1, *x.shape[-2:]))  # (B*C, D, g, g)
         d = tok.shape[1]
         tok = tok.reshape(b, c, d, n).transpose(2, 3).reshape(b, c * n, d)
-        tok = tok + vit.pos_embed[:, 1 : 1 + c * n].to(tok.dtype)
+        tok = tok + vit.channel_positions(c).to(tok.dtype)
         flat_mask = None
         if mask is not None:
             flat_mask = mask.reshape(b, c * n).to(tok.device)
@@ -486,7 +513,7 @@ register_model(
     ModelSpec(
         name="ca-mae",
         summary="channel-agnostic MAE; loads Recursion's OpenPhenom (CA-MAE-S/16) weights",
-        channels="1-11",
+        channels="1+",
         input_size="256x256",
         embed_dim=384,
         licence="OpenPhenom weights: Recursion non-commercial EULA (not bundled)",

@@ -37,8 +37,14 @@ def check_finite(data: np.ndarray, name: str, channel_names: list[str] | None = 
         count = int((~np.isfinite(data)).sum())
         raise MaeprobeInputError(
             f"{name}: {count} pixel(s) are NaN or infinite in channel(s) {', '.join(chans)}",
-            "replace them first (e.g. numpy.nan_to_num) or pass nan_policy='zero' / --nan-to-zero",
+            "replace them and save the image again (e.g. numpy.nan_to_num); in Python, "
+            "napari_maeprobe.pp.preprocessing.normalize(..., nan_policy='zero') sets them to 0",
         )
+
+
+#: a channel is sparse (an IMC / MIBI marker) when more than this fraction of its pixels is
+#: exactly zero: its median pixel is then the empty background, not the marker
+SPARSE_ZERO_FRACTION = 0.5
 
 
 def channel_stats(
@@ -49,26 +55,70 @@ def channel_stats(
 ) -> np.ndarray:
     """Per-channel normalisation statistics of ``(C, ...)`` data, shape (C, 2).
 
-    ``percentile``: the [low, high] percentiles (from up to 2 M pixels per channel);
-    ``zscore``: mean and standard deviation; ``none``: (0, 1). Kept apart from
-    :func:`apply_normalization` so that crops cut from one image share its statistics.
+    ``percentile``: the [low, high] percentiles (from up to 2 M pixels per channel), for a
+    sparse channel with the upper one taken over its non-zero pixels
+    (:func:`normalization_stats`); ``zscore``: mean and standard deviation; ``none``: (0, 1).
+    Kept apart from :func:`apply_normalization` so that crops cut from one image share its
+    statistics.
+    """
+    return normalization_stats(data, method, low, high)[0]
+
+
+def normalization_stats(
+    data: np.ndarray,
+    method: NormMethod = "percentile",
+    low: float = 1.0,
+    high: float = 99.8,
+) -> tuple[np.ndarray, list[str]]:
+    """:func:`channel_stats` and, per channel, a note saying how its statistics were chosen.
+
+    Sparse channels (more than :data:`SPARSE_ZERO_FRACTION` of the pixels exactly zero, as IMC
+    and MIBI markers are) keep their signal: their ``high`` percentile over all pixels may
+    be zero (the channel would become all zeros) or fall among the first few counts (the
+    bright pixels would all clip to 1), so the upper statistic is the ``high`` percentile of
+    the non-zero pixels (their maximum if that is not above the lower one); the lower one
+    stays the ``low`` percentile of all pixels (0 for non-negative data). Dense channels get
+    the plain percentiles. The notes go into the store's image info so a user can see which
+    rule each channel got.
     """
     if method not in ("percentile", "zscore", "none"):
         raise MaeprobeInputError(
             f"unknown normalisation {method!r}", "use 'percentile', 'zscore' or 'none'"
         )
     out = np.zeros((data.shape[0], 2), dtype=np.float64)
+    notes: list[str] = []
     for c in range(data.shape[0]):
         ch = np.asarray(data[c])
         if method == "none":
             out[c] = (0.0, 1.0)
-        elif method == "zscore":
+            notes.append("none: raw intensities")
+            continue
+        if method == "zscore":
             sample = ch.astype(np.float64)
             out[c] = (float(sample.mean()), float(sample.std()))
+            notes.append("zscore: mean and standard deviation of all pixels")
+            continue
+        sample = ch.ravel()[:: max(1, ch.size // 2_000_000)].astype(np.float32)
+        out[c] = np.percentile(sample, [low, high])
+        nonzero = sample[sample != 0]
+        zero_fraction = 1.0 - nonzero.size / max(sample.size, 1)
+        if zero_fraction > SPARSE_ZERO_FRACTION and nonzero.size:
+            top = float(np.percentile(nonzero, high))
+            if top <= out[c, 0]:
+                top = float(nonzero.max())
+            if top > out[c, 0]:
+                out[c, 1] = top
+                notes.append(
+                    f"sparse ({100 * zero_fraction:.1f}% of pixels are zero): {low:g}th "
+                    f"percentile of all pixels to the {high:g}th percentile of the non-zero "
+                    "pixels"
+                )
+                continue
+        if out[c, 1] > out[c, 0]:
+            notes.append(f"percentile: {low:g}th to {high:g}th percentile of all pixels")
         else:
-            sample = ch.ravel()[:: max(1, ch.size // 2_000_000)].astype(np.float32)
-            out[c] = np.percentile(sample, [low, high])
-    return out
+            notes.append("constant: no intensity range, normalised to all zeros")
+    return out, notes
 
 
 def apply_normalization(

@@ -14,7 +14,13 @@ from napari_maeprobe.io.files import atomic_write, write_labels
 from napari_maeprobe.io.image import MicroscopyImage
 from napari_maeprobe.pp.boundaries import boundary_map
 from napari_maeprobe.pp.preprocessing import normalize, project_z
-from napari_maeprobe.pp.segmentation import Segmentation, segment
+from napari_maeprobe.pp.segmentation import (
+    SKIPPABLE,
+    Segmentation,
+    choose_nucleus_channel_for_run,
+    nucleus_note,
+    segment,
+)
 from napari_maeprobe.progress import ProgressCallback, report
 
 
@@ -43,15 +49,59 @@ def segment_images(
     diameter: float | None = None,
     weights: str | None = None,
     progress: ProgressCallback | None = None,
+    skipped: list[tuple[str, str]] | None = None,
 ) -> list[SegmentedImage]:
-    """Segment each image and compute its boundary map."""
+    """Segment each image and compute its boundary map.
+
+    Without a ``nucleus_channel`` one is chosen per channel set for the whole run (by name,
+    else by content), so all images use the same one. With a ``skipped`` list, an image that
+    only it is at fault for (no cells, an empty plane, unreadable pixels) is appended to it as
+    ``(image name, why)`` and the others go on; without one, the first such image raises.
+    """
     out = []
+    choices = choose_nucleus_channel_for_run(images) if nucleus_channel is None else {}
     report(progress, 0, len(images), "segmenting")
     for i, image in enumerate(images, start=1):
-        seg = segment(image, method, nucleus_channel, cell_channel, diameter, weights)
+        nuc, how = choices.get(tuple(image.channel_names), (nucleus_channel, None))
+        try:
+            seg = segment(image, method, nuc, cell_channel, diameter, weights, nucleus_how=how)
+        except SKIPPABLE as exc:
+            if skipped is None:
+                raise
+            skipped.append((image.name, str(exc)))
+            report(progress, i, len(images), "segmenting")
+            continue
         out.append(SegmentedImage(image, seg, boundary_map(seg.labels)))
         report(progress, i, len(images), "segmenting")
     return out
+
+
+def skip_line(name: str, why: str | Exception) -> str:
+    """The one line that says an image was skipped and why (without naming it twice)."""
+    why = str(why)
+    return f"skipped {name}: {why[len(name) + 2:] if why.startswith(name + ': ') else why}"
+
+
+def say(line: str) -> None:
+    """Print a line on stderr without breaking a progress bar drawn there."""
+    import sys
+
+    try:
+        from tqdm import tqdm
+
+        tqdm.write(line, file=sys.stderr)
+    except ImportError:
+        print(line, file=sys.stderr)
+
+
+def nucleus_choice_lines(segmented: list[SegmentedImage]) -> list[str]:
+    """One line per nucleus-channel choice of a run ("nucleus channel 'DNA' (by name): 4
+    images"), to be said once rather than once per image."""
+    counts: dict[str, int] = {}
+    for s in segmented:
+        line = nucleus_note(s.segmentation.nucleus_channel, s.segmentation.nucleus_choice)
+        counts[line] = counts.get(line, 0) + 1
+    return [f"{line}: {n} image{'s' if n > 1 else ''}" for line, n in counts.items()]
 
 
 def write_segmentation_outputs(segmented: list[SegmentedImage], out_dir: Path) -> pd.DataFrame:
@@ -76,6 +126,7 @@ def write_segmentation_outputs(segmented: list[SegmentedImage], out_dir: Path) -
                 "channels": ",".join(s.image.channel_names),
                 "method": s.segmentation.method,
                 "nucleus_channel": s.segmentation.nucleus_channel,
+                "nucleus_choice": s.segmentation.nucleus_choice,
                 "cell_channel": s.segmentation.cell_channel,
                 "n_cells": s.segmentation.n_cells,
                 "boundary_pixel_fraction": float(s.boundary.mean()),

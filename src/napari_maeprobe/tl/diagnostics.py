@@ -46,7 +46,11 @@ TABLE_COLUMNS = (
     "purity_baseline",
     "purity_gain",
     "position_r2",
+    "confounded_with",
 )
+#: the column a metadata column can be perfectly confounded with (one value per image and one
+#: image per value): the clusters cannot tell such a column from the field it was imaged in
+CONFOUND_KEY = "image"
 
 
 @dataclass
@@ -76,7 +80,7 @@ class DriversReport:
     def from_dict(cls, data: dict) -> DriversReport:
         table = pd.DataFrame.from_records(data["records"], columns=data["columns"])
         for col in table.columns:
-            if col not in ("column", "kind"):
+            if col not in ("column", "kind", "confounded_with"):
                 values = pd.to_numeric(table[col], errors="coerce")  # None -> NaN
                 table[col] = values.astype("int64" if col in ("n_values", "n_rows") else "float64")
         return cls(table, data["verdict"], data["labels_name"], dict(data.get("skipped", {})))
@@ -149,6 +153,20 @@ def _skip_reason(name: str, col: pd.Series, kind: str, labels_col: str | None) -
     if kind == "categorical" and n_unique == len(non_na):
         return "a different value on every row (an identifier)"
     return None
+
+
+def confounded_with(obs: pd.DataFrame, name: str, key: str = CONFOUND_KEY) -> str | None:
+    """``key`` when column ``name`` is perfectly confounded with it: at least two values, one
+    value per ``key`` value and one ``key`` value per value (e.g. one genotype per field), so
+    no analysis can separate the two; otherwise None. Rows missing either are left out."""
+    if name == key or key not in obs.columns or name not in obs.columns:
+        return None
+    pair = pd.DataFrame({"k": obs[key].to_numpy(), "v": obs[name].to_numpy()}).dropna()
+    pair = pair.astype(str).drop_duplicates()
+    if pair["v"].nunique() < 2:
+        return None
+    one_each = not pair["k"].duplicated().any() and not pair["v"].duplicated().any()
+    return key if one_each else None
 
 
 def _default_columns(obs: pd.DataFrame, labels_col: str | None) -> list[str]:
@@ -304,6 +322,7 @@ def what_drives(
                 "purity_baseline": baseline,
                 "purity_gain": gain,
                 "position_r2": r2,
+                "confounded_with": confounded_with(obs, col_name) or "",
             }
         )
     report(progress, len(columns) + 1, len(columns) + 1, "what drives: done")
@@ -323,7 +342,7 @@ def _verdict(table: pd.DataFrame, subject: str) -> str:
         return (
             f"no metadata column explains the {subject.removeprefix('the ')} "
             f"(highest AMI: {top['column']} {top['ami']:.2f})"
-        )
+        ) + _confounded_note(table)
     close = table[(table["ami"] >= max(AMI_THRESHOLD, 0.8 * top["ami"]))].head(3)
     lead = [f"{r['column']} (AMI {r['ami']:.2f})" for _, r in close.iterrows()]
     verb = "follows" if subject == "the selection" else "follow"
@@ -331,4 +350,18 @@ def _verdict(table: pd.DataFrame, subject: str) -> str:
     if len(table) > len(close):
         nxt = table.iloc[len(close)]
         line += f" more than {nxt['column']} (AMI {nxt['ami']:.2f})"
-    return line
+    return line + _confounded_note(table)
+
+
+def _confounded_note(table: pd.DataFrame) -> str:
+    """The verdict's note on columns perfectly confounded with the image (field)."""
+    if "confounded_with" not in table.columns:
+        return ""
+    names = [str(c) for c, w in zip(table["column"], table["confounded_with"])
+             if isinstance(w, str) and w]  # fmt: skip
+    if not names:
+        return ""
+    what = " and ".join(names[:3]) + (f" (and {len(names) - 3} more)" if len(names) > 3 else "")
+    verb = "has" if len(names) == 1 else "have"
+    return (f"; {what} {verb} one value per image and one image per value, so "
+            f"{'it' if len(names) == 1 else 'they'} cannot be separated from the field (image)")
