@@ -92,7 +92,8 @@ def references():
         "IMC, 15 regions",
         "DeepCell whole-cell masks",
         imc,
-        [tifffile.imread(SAMPLE / f"imc_bodenmiller_5ch/masks_deepcell/{i.name}.tiff") for i in imc],
+        [tifffile.imread(SAMPLE / "imc_bodenmiller_5ch/masks_deepcell" / f"{i.name}.tiff")
+         for i in imc],  # fmt: skip
     )
     n3, ref3 = load_sample("nuclei3d")
     yield "3D nuclei 60x256x256", "shipped 3D labels", [n3], [ref3]

@@ -27,7 +27,9 @@ EXAMPLES = {
         " \\\n      --masking boundary --mask-ratio 0.75 --tau 0.5 --with-attention"
         " --out out/cp.zarr\n"
         "  maeprobe embed images/ --labels out/seg --scheduler tcp://10.0.0.5:8786"
-        " --out out/big.zarr"
+        " --out out/big.zarr\n"
+        "  maeprobe embed screen/images --metadata screen/fov_metadata.csv --out out/screen.zarr\n"
+        "  maeprobe embed crops.npy --axes NCYX --cell-metadata cells.csv --out out/crops.zarr"
     ),
     "analyze": (
         "examples:\n  maeprobe analyze out/eh.zarr\n"
@@ -304,7 +306,7 @@ def cmd_segment(args) -> int:
 
     images = _load_inputs(args)
     require_images(images)
-    skipped: list[tuple[str, str]] = []
+    skipped: list[tuple[str, Exception]] = []
     segmented = segment_images(
         images,
         args.method,
@@ -315,6 +317,8 @@ def cmd_segment(args) -> int:
         progress=args.progress,
         skipped=skipped,
     )
+    if not segmented and len(images) == 1:
+        raise skipped[0][1]  # a single image: its own error, as one line
     for name, why in skipped:  # one line per bad image; the others go on
         say(skip_line(name, why))
     if not segmented:

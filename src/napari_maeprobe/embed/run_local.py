@@ -119,6 +119,8 @@ def run_embedding(
                     lab, method = labels_for(store, len(planned), img, job, given[i])
                 planned.append(plan_image(img, job, lab, crop_size, tuple(info.patch_size)))
             except SKIPPABLE as exc:
+                if len(images) == 1:
+                    raise  # a single image: its own error, as one line
                 skipped.append(img.name)
                 say(skip_line(img.name, exc))
                 continue

@@ -49,14 +49,14 @@ def segment_images(
     diameter: float | None = None,
     weights: str | None = None,
     progress: ProgressCallback | None = None,
-    skipped: list[tuple[str, str]] | None = None,
+    skipped: list[tuple[str, Exception]] | None = None,
 ) -> list[SegmentedImage]:
     """Segment each image and compute its boundary map.
 
     Without a ``nucleus_channel`` one is chosen per channel set for the whole run (by name,
     else by content), so all images use the same one. With a ``skipped`` list, an image that
     only it is at fault for (no cells, an empty plane, unreadable pixels) is appended to it as
-    ``(image name, why)`` and the others go on; without one, the first such image raises.
+    ``(image name, the error)`` and the others go on; without one, the first such image raises.
     """
     out = []
     choices = choose_nucleus_channel_for_run(images) if nucleus_channel is None else {}
@@ -68,7 +68,7 @@ def segment_images(
         except SKIPPABLE as exc:
             if skipped is None:
                 raise
-            skipped.append((image.name, str(exc)))
+            skipped.append((image.name, exc))
             report(progress, i, len(images), "segmenting")
             continue
         out.append(SegmentedImage(image, seg, boundary_map(seg.labels)))

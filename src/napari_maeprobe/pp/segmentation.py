@@ -327,10 +327,10 @@ def segment_builtin(
     ``nucleus`` and ``cell`` are normalised 2D or 3D intensity images. Nuclei: Gaussian
     smoothing, a global threshold (``threshold``), hole filling, then a watershed on the
     distance transform seeded at its h-maxima (splits touching nuclei without
-    over-splitting textured ones). Cells: nuclei grown by up to ``expand`` pixels (default:
-    half the nucleus diameter), limited to the cell-signal foreground (same threshold on
-    ``cell``) when that covers at least 80% of the nuclei. Without ``cell`` the nuclei are
-    returned as the objects.
+    over-splitting textured ones; h from the estimated nucleus diameter, which leaves debris
+    out), then a second pass on intensity blobs. Cells: see :func:`_grow_cells` (through the
+    cell-signal foreground where it marks the cells, else by ``expand`` pixels). Without
+    ``cell`` the nuclei are returned as the objects.
     """
     from skimage.morphology import h_maxima
     from skimage.segmentation import watershed
