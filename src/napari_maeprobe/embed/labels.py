@@ -83,8 +83,12 @@ def labels_for(
     image: MicroscopyImage,
     job: EmbedJob,
     given: np.ndarray | None,
+    nucleus: tuple[int, str] | None = None,
 ) -> tuple[np.ndarray | None, str]:
-    """The image's label image: stored (resume), given, segmented now, or None (tiles)."""
+    """The image's label image: stored (resume), given, segmented now, or None (tiles).
+
+    ``nucleus``: the run's nucleus channel (index, how it was chosen), chosen once for every
+    image with these channels (``pp.segmentation.choose_nucleus_channel_for_run``)."""
     from napari_maeprobe.pp.segmentation import segment
 
     if given is not None:
@@ -103,6 +107,8 @@ def labels_for(
         return None, "tiles"
     if store.has_labels(index):
         return store.labels(index), store.labels_method(index)
-    seg = segment(image, job.segmentation, diameter=job.diameter)
+    index_how = nucleus or (None, None)
+    seg = segment(image, job.segmentation, nucleus_channel=index_how[0], diameter=job.diameter,
+                  nucleus_how=index_how[1])  # fmt: skip
     store.write_labels(index, seg.labels, seg.method)
     return seg.labels, seg.method

@@ -49,6 +49,17 @@ class EmbedResult:
     facts: dict
 
 
+def _nucleus_channels(images, given, job: EmbedJob) -> dict[tuple[str, ...], tuple[int, str]]:
+    """The nucleus channel of each channel set among the images this run segments (by name,
+    else by content over the run), so that every image uses the same one."""
+    from napari_maeprobe.pp.segmentation import choose_nucleus_channel_for_run
+
+    if job.segmentation == "none":
+        return {}
+    todo = [im for im, g in zip(images, given) if g is None and not isinstance(im, CropStack)]
+    return choose_nucleus_channel_for_run(todo) if todo else {}
+
+
 def run_embedding(
     images: Sequence[MicroscopyImage],
     out: str | Path,
@@ -105,6 +116,10 @@ def run_embedding(
         signature = job_signature(job, describe_inputs(images), info, seg_kind, per_unit)
         store = EmbeddingStore.open_for_job(out, signature, overwrite=overwrite)
         planned, skipped = [], []
+        nucleus = _nucleus_channels(images, given, job)  # chosen once per run, said once
+        for names, (index, how) in nucleus.items():
+            n = sum(tuple(im.channel_names) == names for im in images)
+            say(f"nucleus channel '{names[index]}' ({how}): {n} image{'s' if n > 1 else ''}")
         for i, img in enumerate(images):
             report(progress, i, len(images), "segmenting")
             try:  # one bad image (no cells, empty plane, unreadable pixels) is skipped
@@ -116,7 +131,8 @@ def run_embedding(
                         "pass the label image made from this image (maeprobe segment)",
                     )
                 else:  # stored labels are keyed by the index among the images kept
-                    lab, method = labels_for(store, len(planned), img, job, given[i])
+                    lab, method = labels_for(store, len(planned), img, job, given[i],
+                                             nucleus.get(tuple(img.channel_names)))
                 planned.append(plan_image(img, job, lab, crop_size, tuple(info.patch_size)))
             except SKIPPABLE as exc:
                 if len(images) == 1:
