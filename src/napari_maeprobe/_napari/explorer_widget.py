@@ -443,13 +443,15 @@ class ExplorerWidget(QWidget):
         self.verdict.setText(f"<b>{report.verdict}</b>")
         table = report.table
         cols = [c for c in ("column", "ami", "knn_purity", "purity_baseline", "purity_gain",
-                            "position_r2") if c in table.columns]  # fmt: skip
+                            "position_r2", "confounded_with") if c in table.columns]  # fmt: skip
         self.table.setColumnCount(len(cols))
         self.table.setHorizontalHeaderLabels(cols)
         self.table.setRowCount(len(table))
         for i, (_, row) in enumerate(table[cols].iterrows()):
             for j, c in enumerate(cols):
                 v = row[c]
+                if v is None or v is pd.NA or (isinstance(v, str) and not v):
+                    v = float("nan")  # shown as a dash, like a missing number
                 text = f"{v:.3f}" if isinstance(v, float | np.floating) and np.isfinite(v) else (
                     "–" if isinstance(v, float | np.floating) else str(v)
                 )  # fmt: skip
