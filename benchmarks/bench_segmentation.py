@@ -25,7 +25,7 @@ from scipy import ndimage
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "sample_data"
-SHARED = Path("/work/shared/data")
+SHARED = ROOT.parent / "shared" / "data"  # ../shared/data beside the checkout
 
 
 def match_counts(pred: np.ndarray, ref: np.ndarray, iou: float = 0.5) -> tuple[int, int, int]:
