@@ -97,3 +97,16 @@ def test_bad_file_gives_a_clear_error(make_napari_viewer, tmp_path, sample_dir):
     with pytest.raises(Exception, match="truncated or damaged"):
         viewer.open(str(bad), plugin="napari-maeprobe")
     assert len(viewer.layers) == 0
+
+
+def test_a_plate_tree_opens_as_named_layers_with_one_field_shown(shared_dir):
+    """Before: 80 layers named DNA, ER, ... DNA, ER, ..., every field visible on top of the
+    others. Now each layer names its field and only the first field is shown."""
+    from napari_maeprobe._napari.reader import read_layers
+
+    layers = read_layers(str(shared_dir / "lincs_cellpainting_a549_dev" / "images"))
+    names = [meta["name"] for _, meta, _ in layers]
+    assert len(layers) == 16 * 5 and len(set(names)) == len(names)
+    assert names[0] == "SQ00015198/r01c01f03p01 DNA"
+    visible = [meta["name"] for _, meta, _ in layers if meta["visible"]]
+    assert visible == [f"SQ00015198/r01c01f03p01 {c}" for c in ("DNA", "ER", "RNA", "AGP", "Mito")]

@@ -20,15 +20,27 @@ def get_reader(path: str | list[str]) -> Callable | None:
 
 
 def read_layers(path: str | list[str]) -> list[tuple]:
-    """Open each path as image layers (one per channel); label images as labels layers."""
+    """Open each path as image layers (one per channel); label images as labels layers.
+
+    Several images (a plate tree, a folder of fields) get layer names that start with the
+    image name, and only the first image is visible: fields of one plate would otherwise lie
+    on top of each other under repeated channel names."""
     paths = [path] if isinstance(path, str | Path) else list(path)
+    images = [image for p in paths for image in read_images(p)]
+    several = sum(not _is_label_image(im) for im in images) > 1
     layers: list[tuple] = []
-    for p in paths:
-        for image in read_images(p):
-            if _is_label_image(image):
-                layers.append(labels_layer(image.data[0], image.name, image.scale))
-            else:
-                layers.extend(image_layers(image))
+    shown = None
+    for image in images:
+        if _is_label_image(image):
+            layers.append(labels_layer(image.data[0], image.name, image.scale))
+            continue
+        shown = shown or image.name
+        for data, meta, kind in image_layers(image):
+            if several:  # a plate or a folder of fields: name layers by image, show the first
+                if image.n_channels > 1:
+                    meta["name"] = f"{image.name} {meta['name']}"
+                meta["visible"] = image.name == shown
+            layers.append((data, meta, kind))
     return layers
 
 
