@@ -122,7 +122,7 @@ def conform(
     (missing ones NA), then the other schema columns ``frame`` has, then the image's metadata
     (each a categorical column holding one value)."""
     n = len(frame)
-    out = {"level": pd.Categorical([level] * n, categories=list(LEVELS))}
+    out = {"level": pd.Categorical([level] * n)}
     for col in OBS_COLUMNS[1:]:
         out[col] = _as_dtype(frame[col] if col in frame else None, BY_NAME[col].dtype, n)
     for col in frame.columns:  # other schema columns (working columns such as crop_index go)

@@ -85,8 +85,18 @@ def read_level(store: EmbeddingStore, level: str, lazy: bool = False) -> ad.AnnD
             from napari_maeprobe.tl.diagnostics import DriversReport
 
             adata.uns[DRIVERS_KEY] = {level: DriversReport.from_dict(drivers).to_uns()}
+    drop_unused_categories(adata)
     set_colors(adata)
     return adata
+
+
+def drop_unused_categories(adata: ad.AnnData) -> None:
+    """Categorical columns keep only the values their rows hold (as anndata does when it
+    subsets), so a table read whole and the same rows selected elsewhere are equal."""
+    for col in adata.obs.columns:
+        values = adata.obs[col]
+        if isinstance(values.dtype, pd.CategoricalDtype):
+            adata.obs[col] = values.cat.remove_unused_categories()
 
 
 def _analysis_column(name: str, values: pd.Series):
