@@ -30,7 +30,9 @@ SHARED = ROOT.parent / "shared" / "data"  # ../shared/data beside the checkout
 
 def match_counts(pred: np.ndarray, ref: np.ndarray, iou: float = 0.5) -> tuple[int, int, int]:
     """(n_ref, n_pred, true positives) with one-to-one matching at IoU >= ``iou`` (>= 0.5 makes
-    matches unique, so counting pairs is exact)."""
+    matches unique, so counting pairs is exact). Written here, not taken from
+    ``pp.segmentation.matched_fraction``: the benchmark also measures older revisions
+    (``--rev``) and must score them all with the same rule."""
     ref_ids, ref_area = np.unique(ref[ref > 0], return_counts=True)
     pred_ids, pred_area = np.unique(pred[pred > 0], return_counts=True)
     both = (ref > 0) & (pred > 0)

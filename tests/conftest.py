@@ -33,3 +33,11 @@ def maeprobe(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
         text=True,
         timeout=timeout,
     )
+
+
+@pytest.fixture(scope="session")
+def imc():
+    """The IMC sample (55 cells, 5 markers) with its shipped masks: (image, labels)."""
+    from napari_maeprobe.io.samples import load_sample
+
+    return load_sample("imc")

@@ -151,12 +151,6 @@ def test_bad_jobs_get_one_clear_message(imc_and_eh, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def imc():
-    """The IMC sample (55 cells, 5 markers) with its shipped masks."""
-    return load_sample("imc")
-
-
-@pytest.fixture(scope="module")
 def interrupted(imc, tmp_path_factory):
     """An IMC store stopped after 2 of its 4 units (16 cells each)."""
     image, labels = imc

@@ -16,12 +16,6 @@ from napari_maeprobe.table import read_level, read_levels
 
 
 @pytest.fixture(scope="module")
-def imc():
-    """The IMC sample with its shipped labels (55 cells, 5 markers)."""
-    return load_sample("imc")
-
-
-@pytest.fixture(scope="module")
 def patch_only_store(imc, tmp_path_factory):
     """A store embedded with the patch level only, with attention maps and random masks."""
     image, labels = imc
@@ -105,7 +99,7 @@ def test_tiling_without_segmentation_covers_every_pixel(tmp_path):
     assert table.obs["centroid_y"].max() > 1000
 
 
-def test_foreground_is_the_image_otsu_rule(patch_only_store):
+def test_foreground_is_the_image_otsu_rule(patch_only_store, imc):
     """One definition: a patch is foreground when its mean normalised intensity is above
     Otsu's threshold of the image's patch-sized block means for its channel (checked with
     scikit-image's block_reduce and Otsu, on pixels normalised here from the recorded
@@ -113,7 +107,7 @@ def test_foreground_is_the_image_otsu_rule(patch_only_store):
     from skimage.filters import threshold_otsu
     from skimage.measure import block_reduce
 
-    image, _ = load_sample("imc")
+    image, _ = imc
     store = patch_only_store
     info = store.image_info()[0]
     stats = np.asarray(info["normalization_stats"], dtype=np.float64)

@@ -554,8 +554,3 @@ def _analyse_in_subprocess(path: Path, levels: list[str]):
     log.close()
     if proc.returncode != 0:
         raise RuntimeError(err[-1] if err else f"maeprobe analyze failed ({proc.returncode})")
-
-
-def make_explorer_widget(viewer) -> ExplorerWidget:
-    """npe2 widget factory: Plugins > maeprobe > Explorer."""
-    return ExplorerWidget(viewer)

@@ -375,11 +375,6 @@ def join_metadata(
     return out, join
 
 
-def attach_metadata(images: Sequence[MicroscopyImage], table: str | Path) -> list[MicroscopyImage]:
-    """:func:`join_metadata` without the summary (the images with the table's columns)."""
-    return join_metadata(images, table)[0]
-
-
 def _cell_id_column(frame: pd.DataFrame) -> str | None:
     for col in frame.columns:
         if col.lower().removeprefix("metadata_") in CELL_ID_NAMES:

@@ -295,6 +295,16 @@ def decode_column(data: np.ndarray, attrs: dict) -> pd.Series:
     return pd.Series(data, dtype=np.float64)
 
 
+def write_column(group, path: str, values: pd.Series) -> None:
+    """Write one observation column into a zarr group (see :func:`encode_column`)."""
+    data, attrs = encode_column(values)
+    arr = group.create_array(
+        path, shape=data.shape, dtype=data.dtype, chunks=(max(1, min(len(data), 1 << 20)),)
+    )
+    arr[...] = data
+    arr.attrs.update(attrs)
+
+
 def combine_categoricals(frames: list[pd.DataFrame]) -> pd.DataFrame:
     """Stack tables column by column; categorical columns stay categorical (union of the
     categories), columns missing from some tables are NA there."""
@@ -573,13 +583,7 @@ class EmbeddingStore:
                 f"{level}/X", shape=(n, dim), dtype=dtype, chunks=(max(1, min(n, ROW_CHUNK)), dim)
             )
             for col in table.columns:
-                data, attrs = encode_column(table[col])
-                arr = group.create_array(
-                    f"{level}/obs/{col}", shape=data.shape, dtype=data.dtype,
-                    chunks=(max(1, min(len(data), 1 << 20)),),
-                )  # fmt: skip
-                arr[...] = data
-                arr.attrs.update(attrs)
+                write_column(group, f"{level}/obs/{col}", table[col])
             group[level].attrs["columns"] = list(table.columns)
         for name, (shape, dt) in (extras or {}).items():
             chunks = (min(shape[0], 64),) + tuple(shape[1:]) if shape[0] else shape
@@ -766,13 +770,7 @@ class EmbeddingStore:
             )  # fmt: skip
             a[...] = arr
         for name, series in columns.items():
-            data, enc = encode_column(series)
-            a = group.create_array(
-                f"obs/{name}", shape=data.shape, dtype=data.dtype,
-                chunks=(max(1, min(len(data), 1 << 20)),),
-            )  # fmt: skip
-            a[...] = data
-            a.attrs.update(enc)
+            write_column(group, f"obs/{name}", series)
         group.attrs.update(json.loads(json.dumps({**attrs, "columns": list(columns)}, default=str)))
 
     def read_analysis(self, level: str) -> tuple[dict[str, np.ndarray], pd.DataFrame, dict] | None:

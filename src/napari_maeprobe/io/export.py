@@ -113,10 +113,3 @@ def export_store(
         raise MaeprobeInputError(f"unknown export format {fmt!r}", "use h5ad, parquet or csv")
     levels = [level] if isinstance(level, str) else level
     return write_table(read_levels(store, levels), fmt, out)  # uns records complete + counts
-
-
-def to_anndata(store: EmbeddingStore, levels: Sequence[str] | None = None) -> ad.AnnData:
-    """The store (some levels, default all) as an AnnData (see :mod:`napari_maeprobe.table`)."""
-    from napari_maeprobe.table import read_levels
-
-    return read_levels(store, levels)

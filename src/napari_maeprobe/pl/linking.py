@@ -9,6 +9,7 @@ image into rows.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -35,7 +36,7 @@ class ExplorerData:
     source: Path | None = None
     store: EmbeddingStore | None = None
 
-    @property
+    @cached_property
     def level(self) -> str:
         from napari_maeprobe.table import level_of
 
@@ -55,14 +56,14 @@ class ExplorerData:
         """``"UMAP"``, ``"PCA"``: (n, 2), NaN where not computed."""
         return _coords(self.adata.obsm, self.adata.n_obs)
 
-    @property
+    @cached_property
     def drivers(self) -> DriversReport | None:
         """The stored "what drives these clusters" report of this level, if analysed."""
         from napari_maeprobe.table import drivers
 
         return drivers(self.adata, self.level)
 
-    @property
+    @cached_property
     def image_index(self) -> dict[str, int]:
         """Image name -> the store's image index (empty without a store)."""
         if self.store is None:
@@ -105,7 +106,7 @@ def load_level(path: str | Path, level: str = "patch") -> ExplorerData:
         source=path,
         store=store,
     )
-    data.coords  # noqa: B018  (refuses a level without coordinates, with the fix)
+    _coords(adata.obsm, adata.n_obs)  # refuses a level without coordinates, with the fix
     return data
 
 
@@ -141,7 +142,7 @@ def _from_h5ad(path: Path, level: str) -> ExplorerData:
         crop_size=tuple(int(v) for v in np.atleast_1d(meta.get("crop_size", (96, 96)))),
         source=path,
     )
-    data.coords  # noqa: B018
+    _coords(sub.obsm, sub.n_obs)
     return data
 
 

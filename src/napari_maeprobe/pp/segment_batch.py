@@ -3,7 +3,7 @@ boundary maps, a summary table and overlay pictures."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,14 +31,6 @@ class SegmentedImage:
     image: MicroscopyImage
     segmentation: Segmentation
     boundary: np.ndarray
-
-
-@dataclass
-class PreparedSet:
-    """Everything the foundation computes for a set of images, before any model runs."""
-
-    images: list[SegmentedImage] = field(default_factory=list)
-    patches: pd.DataFrame | None = None
 
 
 def segment_images(
