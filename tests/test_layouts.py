@@ -366,3 +366,19 @@ def test_ome_zarr_with_missing_chunks_is_refused_or_warned(sample_dir, tmp_path,
     else:
         with pytest.warns(UserWarning, match=said):
             read_image(path)
+
+
+def test_phenix_two_wells_two_channels_group_by_channel(lincs, tmp_path):
+    """Two wells (r01c01, r16c13) with two of the five channels each: the column token c01/c13
+    varies exactly as often as ch1/ch5, but an Opera Phenix name's r..c..f..p.. is the well."""
+    plate = tmp_path / "SQ00015198"
+    plate.mkdir()
+    for f in (lincs / "images/SQ00015198").glob("r*f03p01-ch[15]*.png"):
+        if f.name.startswith(("r01c01", "r16c13")):
+            shutil.copy(f, plate / f.name)
+    images = read_images(tmp_path)
+    assert sorted(i.name for i in images) == ["SQ00015198/r01c01f03p01", "SQ00015198/r16c13f03p01"]
+    assert all(i.channel_names == ["ch1", "ch5"] for i in images)
+    dna = iio.imread(lincs / "images/SQ00015198/r16c13f03p01-ch1sk1fk1fl1.png")
+    p13 = next(i for i in images if i.name.endswith("r16c13f03p01"))
+    assert np.array_equal(p13.to_numpy()[0], dna) and p13.metadata["obs"]["well"] == "P13"

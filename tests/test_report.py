@@ -182,7 +182,8 @@ def test_report_writes_page_and_figures(tmp_path: Path, real_tables: dict) -> No
         assert (tmp_path / name).read_bytes()[:8] == PNG
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp files left
 
-    # every colouring with >= 2 values, none for an all-NA or absent column
+    # every colouring with >= 2 values, none for an all-NA or absent column, plus the drivers
+    # each level's diagnostics found
     expected = {
         "umap_global_dataset.png",
         "umap_global_leiden.png",
@@ -193,6 +194,7 @@ def test_report_writes_page_and_figures(tmp_path: Path, real_tables: dict) -> No
         "umap_patch_patch_row.png",
         "umap_patch_patch_col.png",
         "umap_patch_leiden.png",
+        "umap_patch_foreground.png",  # a driver the patch diagnostics found (AMI 0.3)
         "drivers_global.png",
         "drivers_channel.png",
         "drivers_patch.png",

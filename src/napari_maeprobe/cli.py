@@ -34,11 +34,17 @@ EXAMPLES = {
     "analyze": (
         "examples:\n  maeprobe analyze out/eh.zarr\n"
         "  maeprobe analyze out/eh.zarr --levels patch --foreground --central "
-        "--balance-by channel --kmeans 8"
+        "--balance-by channel --kmeans 8\n"
+        "  maeprobe analyze out/screen.zarr --condition compound --batch plate --control DMSO"
     ),
     "evaluate": (
         "examples:\n  maeprobe evaluate out/eh.zarr --probe dataset\n"
-        "  maeprobe evaluate out/cp.zarr --level global --probe condition --json out/eval.json"
+        "  maeprobe evaluate out/cp.zarr --levels global --probe condition --json out/eval.json\n"
+        "  maeprobe evaluate out/screen.zarr --levels global --probe compound --group-by plate"
+    ),
+    "report": (
+        "examples:\n  maeprobe report out/eh.zarr\n"
+        "  maeprobe report out/screen.zarr --condition compound --batch plate --out out/screen"
     ),
     "export": (
         "examples:\n  maeprobe export out/eh.zarr --format h5ad --out out/eh.h5ad\n"
@@ -177,6 +183,16 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--crop-size", type=int, help="crop side in pixels (default: the model's)")
     embed.add_argument("--normalization", default=JOB.normalization,
                        choices=job.NORMALIZATION_CHOICES)  # fmt: skip
+    embed.add_argument(
+        "--normalize-by", default=JOB.normalize_by, metavar="SCOPE",
+        help="which images share normalisation statistics: image (each its own), dataset, or "
+        "a metadata column such as plate (each plate's images together)",
+    )  # fmt: skip
+    embed.add_argument(
+        "--normalize-reference", metavar="COLUMN=VALUE",
+        help="take each group's statistics from these images only, e.g. compound=DMSO (the "
+        "control wells), as screens are usually normalised",
+    )  # fmt: skip
     embed.add_argument("--dtype", default=JOB.dtype, choices=job.STORE_DTYPES,
                        help="how embeddings are stored")  # fmt: skip
     embed.add_argument("--with-attention", action="store_true", help="store attention maps")
@@ -191,6 +207,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--labels", type=Path, help="folder of <image>_labels.tif (from maeprobe segment)"
     )
     embed.add_argument("--diameter", type=float, help="nucleus/cell diameter for segmentation, px")
+    embed.add_argument(
+        "--exclude-border", action="store_true",
+        help="leave out cells whose mask touches the image border (default: keep them; every "
+        "row says touches_border and crop_padding)",
+    )  # fmt: skip
     embed.add_argument(
         "--metadata", type=Path,
         help="per-image table (CSV, TSV or Parquet) joined on image name, file path or "
@@ -231,6 +252,12 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--seed", type=int, default=0)
     analyze.add_argument("--allow-incomplete", action="store_true",
                          help="analyse an interrupted store's finished cells")  # fmt: skip
+    analyze.add_argument("--condition", help="treatment column (e.g. compound): each condition "
+                         "vs the control, folds grouped by --batch; needs --batch")  # fmt: skip
+    analyze.add_argument("--batch", help="batch column (e.g. plate, imaging date); needs "
+                         "--condition")  # fmt: skip
+    analyze.add_argument("--control", help="the control value of --condition (default: guessed "
+                         "among DMSO, control, vehicle, untreated, mock, ...)")  # fmt: skip
 
     evaluate = sub.add_parser(
         "evaluate",
@@ -243,6 +270,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--probe", action="append", default=[],
                           help="obs column a linear probe predicts (repeatable)")  # fmt: skip
     evaluate.add_argument("--json", type=Path, help="also write the results as JSON")
+    evaluate.add_argument("--group-by", help="obs column whose values never share training and "
+                          "test folds (e.g. plate, image)")  # fmt: skip
+    evaluate.add_argument("--max-rows", type=int, default=50_000,
+                          help="probe at most this many rows a level (uniform sample)")  # fmt: skip
 
     export = sub.add_parser(
         "export",
@@ -256,6 +287,20 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--level", help="one level (default: all levels, stacked)")
     export.add_argument("--allow-incomplete", action="store_true",
                         help="export an interrupted store's finished cells")  # fmt: skip
+
+    rep = sub.add_parser(
+        "report",
+        help="report.html for a store: facts, verdicts, batch versus biology, UMAPs",
+        epilog=EXAMPLES["report"],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    rep.add_argument("store", type=Path, metavar="STORE")
+    rep.add_argument("--out", type=Path, help="output folder (default: STORE_report beside it)")
+    rep.add_argument("--condition", help="analyse first with this condition column (if needed)")
+    rep.add_argument("--batch", help="... and this batch column, e.g. plate")
+    rep.add_argument("--control", help="the control value of the condition column, e.g. DMSO")
+    rep.add_argument("--allow-incomplete", action="store_true",
+                     help="report on an interrupted store's finished cells")  # fmt: skip
 
     sub.add_parser(
         "models", help="list the models, their inputs, licences and weights",
@@ -407,11 +452,13 @@ def cmd_embed(args) -> int:
         levels=tuple(v.strip() for v in args.levels.split(",") if v.strip()),
         segmentation="given" if labels else args.segmentation, diameter=args.diameter,
         crop_size=args.crop_size, normalization=args.normalization,
+        normalize_by=args.normalize_by, normalize_reference=args.normalize_reference,
         projection="max" if args.z == "keep" else args.z,
         masking=args.masking, mask_ratio=args.mask_ratio, tau=args.tau, seed=args.seed,
         dtype=args.dtype, attention=args.with_attention,
         reconstruction=args.with_reconstruction, device=args.device,
         precision=args.precision, batch_size=args.batch_size,
+        exclude_border=args.exclude_border,
     )  # fmt: skip
     try:
         result = run_embedding(images, args.out, job, labels, progress=args.progress,
@@ -442,7 +489,7 @@ def cmd_analyze(args) -> int:
         foreground=args.foreground, central=args.central, balance_by=args.balance_by,
         max_rows=args.max_rows, n_pcs=args.n_pcs, n_neighbors=args.n_neighbors,
         umap_max_fit=args.umap_max_fit, resolution=args.resolution, kmeans=args.kmeans,
-        seed=args.seed,
+        seed=args.seed, condition=args.condition, batch=args.batch, control=args.control,
     )  # fmt: skip
     results = analyze_store(store, _levels(args.levels), settings, progress=args.progress,
                             allow_incomplete=args.allow_incomplete)  # fmt: skip
@@ -452,6 +499,8 @@ def cmd_analyze(args) -> int:
             f"UMAP {r['umap']['strategy']} ({r['umap']['fit_rows']} fitted); effective rank "
             f"{r['effective_rank']:.1f}; {r['seconds']:.1f} s\n  {r['verdict']}"
         )
+        if "condition_batch" in r:
+            print(f"  {r['condition_batch']['summary']}")
     return 0
 
 
@@ -460,14 +509,20 @@ def cmd_evaluate(args) -> int:
     from napari_maeprobe.tl.evaluate import evaluate_store
 
     store = EmbeddingStore(args.store)
-    results = evaluate_store(store, _levels(args.levels), args.probe)
+    results = evaluate_store(store, _levels(args.levels), args.probe, max_rows=args.max_rows,
+                             group_by=args.group_by, progress=args.progress)  # fmt: skip
     cells = results.pop("cells", {})
     for level, r in results.items():
         print(f"{level}: {r['rows']} rows, effective rank {r['effective_rank']:.1f} "
               f"of {r['embed_dim']} dimensions")  # fmt: skip
         for col, p in r.get("probes", {}).items():
             print(f"  linear probe of {col}: balanced accuracy {p['balanced_accuracy']:.3f} "
-                  f"(chance {p['chance']:.3f}, {p['n_classes']} classes)")  # fmt: skip
+                  f"+/- {p['balanced_accuracy_std']:.3f} over {p['cv']} folds "
+                  f"({p['grouping']}; chance {p['chance']:.3f}, {p['n_classes']} classes, "
+                  f"{p['n_rows']} rows)")  # fmt: skip
+            if p.get("dropped_classes"):
+                print(f"    left out (each in a single {args.group_by}): "
+                      f"{', '.join(p['dropped_classes'][:10])}")  # fmt: skip
         for col, why in r.get("skipped_probes", {}).items():
             print(f"  linear probe of {col}: skipped ({why})")
     if "attention_iou" in cells:
@@ -489,6 +544,28 @@ def cmd_export(args) -> int:
     path = export_store(args.store, args.format, args.out, args.level,
                         allow_incomplete=args.allow_incomplete)  # fmt: skip
     print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from napari_maeprobe.embed.store import EmbeddingStore
+    from napari_maeprobe.pl.report import report_store
+    from napari_maeprobe.tl.analyze import AnalysisSettings, analyze_store
+
+    store = EmbeddingStore(args.store, mode="a")
+    store.require_complete(args.allow_incomplete)
+    todo = [lvl for lvl in store.levels() if lvl not in store.analysed_levels()]
+    asked = {"condition": args.condition, "batch": args.batch, "control": args.control}
+    if (args.condition or args.batch) and "global" in store.levels():  # the comparison
+        todo = list(dict.fromkeys(["global", *todo]))
+    if todo:
+        print(f"analysing the {', '.join(todo)} level(s) first")
+        analyze_store(store, todo, AnalysisSettings(**asked), progress=args.progress,
+                      allow_incomplete=args.allow_incomplete)  # fmt: skip
+    store_path = Path(args.store)
+    out = args.out or store_path.with_name(store_path.name.removesuffix(".zarr") + "_report")
+    path = report_store(store, out, progress=None)
+    print(f"wrote {path}")
     return 0
 
 
@@ -614,7 +691,7 @@ def main(argv: list[str] | None = None) -> int:
     handlers = {
         "segment": cmd_segment, "demo": cmd_demo, "train": cmd_train, "models": cmd_models,
         "embed": cmd_embed, "export": cmd_export, "analyze": cmd_analyze,
-        "evaluate": cmd_evaluate,
+        "evaluate": cmd_evaluate, "report": cmd_report,
     }  # fmt: skip
     from napari_maeprobe.embed.engine import WorkerCrashedError
 

@@ -38,6 +38,9 @@ if TYPE_CHECKING:
 #: the uns key of the run facts, and of the diagnostics tables
 UNS_KEY = "maeprobe"
 DRIVERS_KEY = "maeprobe_drivers"
+#: the obsm key of the per-cell baseline features (pp.measure), global level; the store's own
+#: per-cell array, never written back as an analysis result
+FEATURES_KEY = "X_features"
 
 
 def run_facts(store: EmbeddingStore, levels: Sequence[str]) -> dict:
@@ -63,6 +66,10 @@ def read_level(store: EmbeddingStore, level: str, lazy: bool = False) -> ad.AnnD
     adata = ad.AnnData(X=X, obs=obs)
     adata.var_names = [f"e{i}" for i in range(adata.n_vars)]
     adata.uns[UNS_KEY] = run_facts(store, [level])
+    if level == "global":
+        features = read_features(store, obs)
+        if features is not None:
+            adata.obsm[FEATURES_KEY], adata.uns[UNS_KEY]["feature_names"] = features
     analysis = store.read_analysis(level)
     if analysis is not None:
         arrays, cols, attrs = analysis
@@ -88,6 +95,34 @@ def read_level(store: EmbeddingStore, level: str, lazy: bool = False) -> ad.AnnD
     drop_unused_categories(adata)
     set_colors(adata)
     return adata
+
+
+def read_features(store: EmbeddingStore, obs: pd.DataFrame) -> tuple[np.ndarray, list[str]] | None:
+    """The baseline features of the cells of ``obs`` (rows with ``image`` and ``cell_id``),
+    ``(n, F)`` float32 aligned with its rows (NaN for a cell with none) and the feature names
+    (union over images, in order of first appearance); None for a store without features
+    (written before they were measured)."""
+    infos = store.image_info()
+    names = list(dict.fromkeys(n for info in infos for n in info.get("feature_names", [])))
+    if not names or not len(obs):
+        return None
+    column = {n: j for j, n in enumerate(names)}
+    out = np.full((len(obs), len(names)), np.nan, dtype=np.float32)
+    images = obs["image"].astype(str).to_numpy()
+    cells = obs["cell_id"].to_numpy(dtype=np.float64, na_value=np.nan)
+    found = False
+    for index, info in enumerate(infos):
+        rows = np.flatnonzero(images == str(info.get("name")))
+        got = store.read_cells("features", index) if len(rows) else None
+        if got is None:
+            continue
+        ids, values = got
+        pos = pd.Index(ids).get_indexer(cells[rows])
+        ok = pos >= 0
+        cols = [column[n] for n in info.get("feature_names", [])]
+        out[np.ix_(rows[ok], cols)] = values[pos[ok]]
+        found = True
+    return (out, names) if found else None
 
 
 def drop_unused_categories(adata: ad.AnnData) -> None:
@@ -200,7 +235,9 @@ def save_analysis(store: EmbeddingStore, adata: ad.AnnData) -> None:
     """Persist the analysis results held by a one-level table into the store: its obsm
     coordinates, analysis columns, summary and drivers."""
     level = level_of(adata)
-    arrays = {k: np.asarray(v, dtype=np.float32) for k, v in adata.obsm.items()}
+    arrays = {  # X_features is the store's own per-cell array, not a result
+        k: np.asarray(v, dtype=np.float32) for k, v in adata.obsm.items() if k != FEATURES_KEY
+    }
     columns = {c: adata.obs[c].reset_index(drop=True) for c in ANALYSIS_COLUMNS if c in adata.obs}
     attrs = dict(adata.uns.get(UNS_KEY, {}).get("analysis", {}).get(level, {}))
     report = drivers(adata, level)

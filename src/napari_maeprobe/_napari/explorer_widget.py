@@ -442,8 +442,9 @@ class ExplorerWidget(QWidget):
             return
         self.verdict.setText(f"<b>{report.verdict}</b>")
         table = report.table
-        cols = [c for c in ("column", "ami", "knn_purity", "purity_baseline", "purity_gain",
-                            "position_r2", "confounded_with") if c in table.columns]  # fmt: skip
+        cols = [c for c in ("column", "role", "effect", "ami", "ami_null", "p_value",
+                            "knn_purity", "purity_gain", "position_r2", "missing",
+                            "confounded_with") if c in table.columns]  # fmt: skip
         self.table.setColumnCount(len(cols))
         self.table.setHorizontalHeaderLabels(cols)
         self.table.setRowCount(len(table))

@@ -786,6 +786,12 @@ class EmbedWidget(QWidget):
         out_row.addWidget(self.out_edit, 1)
         out_row.addWidget(out_browse)
         self.overwrite_check = QCheckBox("replace a store that holds another job")
+        self.border_check = QCheckBox("leave out cells that touch the image border")
+        self.border_check.setChecked(EmbedJob.exclude_border)
+        self.border_check.setToolTip(
+            "Cells cut by the image edge are not embedded. When kept (the default), each row "
+            "says whether its cell touches the border and how much of its crop is padding"
+        )
         self.crops_check = QCheckBox("the selected layer is a crop stack (one cell per crop)")
         self.crops_check.setToolTip(
             "Embed the selected 4D/5D image layer as single-cell crops: crop axis first, then "
@@ -805,6 +811,7 @@ class EmbedWidget(QWidget):
         form.addRow("Also store:", extras_row)
         form.addRow("Output store:", out_row)
         form.addRow(self.overwrite_check)
+        form.addRow(self.border_check)
         form.addRow(self.crops_check)
 
         self.run_button = QPushButton("Run")
@@ -914,6 +921,7 @@ class EmbedWidget(QWidget):
             attention=self.attention_check.isChecked(),
             reconstruction=self.recon_check.isChecked(),
             device=self.device_combo.currentData(),
+            exclude_border=self.border_check.isChecked(),
         )
 
     def output_path(self, image_name: str, model: str) -> Path:

@@ -31,6 +31,8 @@ class EmbedJob:
     diameter: float | None = None
     crop_size: int | tuple[int, ...] | None = None  # None: the model's input size
     normalization: str = "percentile"
+    normalize_by: str = "image"  # image | dataset | a metadata column (plate): shared statistics
+    normalize_reference: str | None = None  # COLUMN=VALUE: statistics from those images only
     projection: str = "max"  # z-stacks with a 2D model: max | slice
     masking: str = "none"
     mask_ratio: float = 0.75
@@ -43,6 +45,7 @@ class EmbedJob:
     precision: str = "auto"
     batch_size: int | None = None
     random_init: bool = False
+    exclude_border: bool = False  # leave out cells whose mask touches the image border
 
     def engine_config(self) -> EngineConfig:
         """The engine's settings: every :class:`EngineConfig` field this job also has (one
@@ -78,6 +81,14 @@ class EmbedJob:
                     "pass a positive --crop-size (a multiple of the model's patch size), or "
                     "leave it out to crop at the model's input size",
                 )
+        if self.normalization not in NORMALIZATION_CHOICES:
+            raise MaeprobeInputError(
+                f"unknown normalisation {self.normalization!r}",
+                f"use --normalization {', '.join(NORMALIZATION_CHOICES)}",
+            )
+        from napari_maeprobe.pp.normalization_groups import check_scope
+
+        check_scope(self.normalize_by, self.normalize_reference)
         if self.tau <= 0:
             raise MaeprobeInputError(f"tau {self.tau} must be positive", "pick e.g. --tau 0.5")
         if self.dtype not in STORE_DTYPES:

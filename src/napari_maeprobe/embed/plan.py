@@ -17,6 +17,8 @@ from napari_maeprobe.embed.job import EmbedJob
 from napari_maeprobe.embed.store import UnitSpec
 from napari_maeprobe.errors import MaeprobeInputError, NoCellsFoundError
 from napari_maeprobe.io.image import MicroscopyImage
+from napari_maeprobe.pp.measure import measure_cells, measure_crops, tile_labels
+from napari_maeprobe.pp.normalization_groups import describe_normalization
 from napari_maeprobe.pp.preprocessing import (
     apply_normalization,
     channel_stats,
@@ -44,6 +46,10 @@ class PlannedImage:
     cell_obs: pd.DataFrame | None = None  # per-cell columns, indexed by cell id
     crop_fit: str | None = None  # crop stacks: pad | resize (io.crops.fit_crops)
     notes: list[str] = field(default_factory=list)  # per channel: how its statistics were chosen
+    #: per-cell measurements on raw intensities (pp.measure: baseline features, touches_border),
+    #: indexed by cell id; None where nothing was measured
+    measures: pd.DataFrame | None = None
+    excluded_border: int = 0  # cells left out because they touch the image border
 
     def info(self) -> dict:
         img = self.image
@@ -54,8 +60,15 @@ class PlannedImage:
             "n_cells": int(len(self.cell_ids)),
             "normalization_stats": self.stats.tolist(), "normalization_note": list(self.notes),
             "otsu_thresholds": self.thresholds.tolist(),
+            "feature_names": self.feature_names(), "excluded_border": int(self.excluded_border),
             **({"kind": "crops", "crop_fit": self.crop_fit} if self.crop_fit else {}),
         }  # fmt: skip
+
+    def feature_names(self) -> list[str]:
+        """The baseline feature columns stored per cell (``features``), in order."""
+        if self.measures is None:
+            return []
+        return [c for c in self.measures.columns if c != "touches_border"]
 
 
 def prepare_image(
@@ -136,10 +149,15 @@ def plan_image(
     norm = apply_normalization(data[None], stats, job.normalization)[0]
     thresholds = foreground_thresholds(norm, patch_size)
     del norm
+    excluded = 0
     if labels is None:
-        # tiles: the same rule that cuts them (pp.preprocessing.tile_origins), at the crop size
+        # tiles: the same rule that cuts them (pp.preprocessing.tile_origins), at the crop size,
+        # measured as a label image of the tiles (tile i is label i + 1)
         n = len(tile_origins(tuple(image.spatial_shape), crop_size))
         cell_ids = np.arange(n, dtype=np.int64)
+        measures = measure_cells(data, tile_labels(image.spatial_shape, crop_size),
+                                 image.channel_names, ids=cell_ids + 1)  # fmt: skip
+        measures.index = pd.Index(cell_ids, name="cell_id")
     else:
         cell_ids = np.unique(labels[labels > 0]).astype(np.int64)
         if cell_ids.size == 0:
@@ -148,9 +166,20 @@ def plan_image(
                 "segment with other settings (--diameter), pass label images, or tile the "
                 "image with --segmentation none",
             )
+        measures = measure_cells(data, labels, image.channel_names, ids=cell_ids)
+        if job.exclude_border:  # cells cut by the image border are left out, before units
+            keep = ~measures["touches_border"].to_numpy(dtype=bool, na_value=False)
+            excluded = int((~keep).sum())
+            cell_ids, measures = cell_ids[keep], measures[keep]
+            if cell_ids.size == 0:
+                raise NoCellsFoundError(
+                    f"{image.name}: all {excluded} of its cells touch the image border",
+                    "embed without excluding border cells (drop --exclude-border)",
+                )
     return PlannedImage(image, labels, stats, thresholds, cell_ids,
                         dict(image.metadata.get("obs", {})),
-                        image.metadata.get("cell_obs"), notes=notes)  # fmt: skip
+                        image.metadata.get("cell_obs"), notes=notes, measures=measures,
+                        excluded_border=excluded)  # fmt: skip
 
 
 #: crops of a stack sampled for its normalisation statistics and Otsu thresholds
@@ -172,9 +201,15 @@ def plan_crops(stack, job: EmbedJob, crop_size: tuple[int, ...],
     stats = channel_stats(np.moveaxis(sample, 1, 0), job.normalization)
     fitted = apply_normalization(fit_crops(sample, crop_size, fit)[0], stats, job.normalization)
     thresholds = foreground_thresholds(np.concatenate(list(fitted), axis=-1), patch_size)
+    # each crop measured whole (its own pixels), raw units, UNIT_BYTES of float64 at a time
+    step = max(1, UNIT_BYTES // (8 * int(np.prod(stack.data.shape[1:]))))
+    measures = pd.concat([measure_crops(np.asarray(stack.data[a : a + step]),
+                                        stack.channel_names)
+                          for a in range(0, n, step)])  # fmt: skip
+    measures.index = pd.Index(np.arange(n, dtype=np.int64), name="cell_id")
     return PlannedImage(stack, None, stats, thresholds, np.arange(n, dtype=np.int64),
                         dict(stack.metadata.get("obs", {})), stack.metadata.get("cell_obs"),
-                        fit)  # fmt: skip
+                        fit, measures=measures)  # fmt: skip
 
 
 def crop_size_for(job: EmbedJob, info: ModelInfo) -> tuple[int, ...]:
@@ -274,8 +309,42 @@ def job_facts(job: EmbedJob, info: ModelInfo, crop_size) -> dict:
         "channel_agnostic": info.channel_agnostic, "crop_size": list(crop_size),
         "device": info.device, "precision": info.precision, "levels": list(job.levels),
         "channels": job.channels, "normalization": job.normalization,
+        "normalize_by": job.normalize_by, "normalize_reference": job.normalize_reference,
+        "normalization_hides": describe_normalization(job.normalization, job.normalize_by,
+                                                      job.normalize_reference),
         "projection": job.projection, "segmentation": job.segmentation,
         "masking": {"kind": job.masking, "ratio": job.mask_ratio, "tau": job.tau,
                     "seed": job.seed},
         "store_dtype": job.dtype, "package_version": __version__,
     }  # fmt: skip
+
+
+def use_statistics(
+    p: PlannedImage,
+    stats: np.ndarray,
+    note: str,
+    job: EmbedJob,
+    crop_size: tuple[int, ...],
+    patch_size: tuple[int, ...],
+) -> None:
+    """Normalise a planned image with other statistics (shared by its group,
+    :mod:`napari_maeprobe.pp.normalization_groups`): its Otsu thresholds are recomputed on the
+    image so normalised, and each channel's note says where the statistics came from."""
+    from napari_maeprobe.io.crops import CropStack, fit_crops
+
+    stats = np.asarray(stats, dtype=np.float64)
+    if np.array_equal(stats, p.stats):
+        return
+    if isinstance(p.image, CropStack):
+        stack = p.image
+        n = stack.n_crops
+        pick = np.unique(np.linspace(0, n - 1, min(n, CROP_SAMPLE)).round().astype(int))
+        sample = np.asarray(stack.data[pick], dtype=np.float32)
+        fitted = apply_normalization(fit_crops(sample, crop_size, p.crop_fit)[0], stats,
+                                     job.normalization)  # fmt: skip
+        p.thresholds = foreground_thresholds(np.concatenate(list(fitted), axis=-1), patch_size)
+    else:
+        norm = apply_normalization(p.image.to_numpy()[None], stats, job.normalization)[0]
+        p.thresholds = foreground_thresholds(norm, patch_size)
+    p.stats = stats
+    p.notes = [f"{n}; {note}" for n in p.notes] if p.notes else [note]

@@ -24,6 +24,7 @@ from napari_maeprobe.embed.plan import (
     plan_image,
     plan_units,
     prepare_image,
+    use_statistics,
 )
 from napari_maeprobe.embed.run_dask import remote_model_info, run_distributed
 from napari_maeprobe.embed.store import EmbeddingStore
@@ -148,7 +149,12 @@ def run_embedding(
             )
         if skipped:
             say(f"{len(skipped)} of {len(images)} image(s) skipped")
+        if job.exclude_border:  # said once per run
+            n_out = sum(p.excluded_border for p in planned)
+            n_all = n_out + sum(len(p.cell_ids) for p in planned)
+            say(f"border cells excluded: {n_out:,} of {n_all:,} cells touch the image border")
         report(progress, len(images), len(images), "segmenting")
+        share_statistics(planned, job, crop_size, tuple(info.patch_size))
         store.set_images([p.info() for p in planned])
         n_patches = int(np.prod([s // q for s, q in zip(crop_size, info.patch_size)]))
         rows_per_cell = {"global": 1, "channel": n_c if info.channel_agnostic else 0,
@@ -213,3 +219,25 @@ def _offset_progress(progress, done: int, total: int):
         return progress(done + d, total, desc)
 
     return inner
+
+
+def share_statistics(
+    planned: list, job: EmbedJob, crop_size: tuple[int, ...], patch_size: tuple[int, ...]
+) -> None:
+    """Give the images of each normalisation group (``job.normalize_by``, optionally from
+    ``job.normalize_reference`` images only) their group's statistics
+    (:mod:`napari_maeprobe.pp.normalization_groups`); per-image scaling leaves them alone."""
+    from napari_maeprobe.pp.normalization_groups import pool_statistics
+
+    if job.normalize_by == "image" and not job.normalize_reference:
+        return
+    stats, notes = pool_statistics(
+        [p.stats for p in planned], [p.metadata for p in planned],
+        [p.image.dataset for p in planned], [p.image.name for p in planned],
+        job.normalize_by, job.normalize_reference,
+    )  # fmt: skip
+    for p, s, note in zip(planned, stats, notes):
+        use_statistics(p, s, note, job, crop_size, patch_size)
+    groups = len({tuple(map(tuple, s)) for s in stats})
+    say(f"normalisation statistics shared by {job.normalize_by}: {groups} group(s)"
+        + (f", from the {job.normalize_reference} images" if job.normalize_reference else ""))

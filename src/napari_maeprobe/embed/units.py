@@ -17,6 +17,7 @@ from napari_maeprobe.embed.job import EmbedJob
 from napari_maeprobe.embed.plan import PlannedImage
 from napari_maeprobe.embed.store import UnitSpec
 from napari_maeprobe.pp.boundaries import patch_fractions
+from napari_maeprobe.pp.measure import crop_padding
 from napari_maeprobe.pp.preprocessing import (
     CropSet,
     apply_normalization,
@@ -25,7 +26,10 @@ from napari_maeprobe.pp.preprocessing import (
     tile_image,
 )
 from napari_maeprobe.progress import ProgressCallback
-from napari_maeprobe.schema import conform
+from napari_maeprobe.schema import channel_column, conform
+
+#: a channel whose normalised values within the cell's mask span less than this is empty
+EMPTY_RANGE = 1e-3
 
 
 def unit_crops(
@@ -85,30 +89,117 @@ def _with_cell_obs(frame: pd.DataFrame, cell_obs: pd.DataFrame | None) -> pd.Dat
     return frame
 
 
+def channel_empty(crops: CropSet, spatial_shape: Sequence[int] | None) -> np.ndarray:
+    """Per crop and channel, whether the normalised channel is constant within the cell's mask
+    (max - min below :data:`EMPTY_RANGE`), (N, C) bool (a cell with no pixel in its crop: True,
+    nothing of it is seen).
+
+    ``spatial_shape``: the source image's, so that padding outside the image (tiles' masks
+    cover their whole window) is left out; None for crop stacks (their masks say it)."""
+    x = crops.crops
+    mask = np.asarray(crops.cell_masks, dtype=bool)
+    if spatial_shape is not None:  # pixels of the window that lie inside the image
+        for axis, (size, full) in enumerate(zip(crops.size, spatial_shape)):
+            pos = crops.origins[:, axis : axis + 1] + np.arange(size)[None, :]
+            inside = (pos >= 0) & (pos < full)
+            shape = [len(x)] + [1] * len(crops.size)
+            shape[1 + axis] = size
+            mask = mask & inside.reshape(shape)
+    m = mask[:, None]
+    high = np.where(m, x, -np.inf).reshape(*x.shape[:2], -1).max(axis=2)
+    low = np.where(m, x, np.inf).reshape(*x.shape[:2], -1).min(axis=2)
+    return ~((high - low) >= EMPTY_RANGE)  # no pixel: -inf - inf, empty
+
+
+def _covariates(p: PlannedImage, crops: CropSet) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
+    """The technical covariates of a unit's cells (schema: crop_padding, touches_border,
+    cell_area, cells_in_image) in crop order, and the per-channel ones as (N, C) arrays by
+    family (mean_intensity, norm_low, norm_high, channel_empty)."""
+    n, n_c = len(crops), p.image.n_channels
+    ids = np.asarray(crops.cell_ids, dtype=np.int64)
+    measures = p.measures.reindex(ids) if p.measures is not None else pd.DataFrame(index=ids)
+    stack = p.crop_fit is not None  # a crop stack: no source image, no padding or border
+    cells = pd.DataFrame({
+        "crop_padding": (np.full(n, np.nan) if stack else
+                         crop_padding(crops.origins, crops.size, p.image.spatial_shape)),
+        "touches_border": (measures["touches_border"].to_numpy() if "touches_border" in
+                           measures else pd.array([pd.NA] * n, dtype="boolean")),
+        "cell_area": measures["area"].to_numpy() if "area" in measures else np.nan,
+        "cells_in_image": float(len(p.cell_ids)),
+    })  # fmt: skip
+    names = list(p.image.channel_names)
+    mean = np.full((n, n_c), np.nan)
+    for c, ch in enumerate(names):
+        if f"intensity_mean_{ch}" in measures:
+            mean[:, c] = measures[f"intensity_mean_{ch}"].to_numpy(np.float64, na_value=np.nan)
+    stats = np.asarray(p.stats, dtype=np.float64)
+    families = {
+        "mean_intensity": mean,
+        "norm_low": np.broadcast_to(stats[:, 0], (n, n_c)),
+        "norm_high": np.broadcast_to(stats[:, 1], (n, n_c)),
+        "channel_empty": channel_empty(crops, None if stack else p.image.spatial_shape),
+    }
+    return cells, families
+
+
+def _per_channel_columns(families: dict, names: Sequence[str], rows: np.ndarray) -> dict:
+    """One column per channel of each per-channel family, for rows of crop index ``rows``."""
+    return {channel_column(fam, ch): np.asarray(families[fam])[rows, c]
+            for fam in ("mean_intensity", "norm_low", "norm_high")
+            for c, ch in enumerate(names)}  # fmt: skip
+
+
+def _row_channel_columns(families: dict, rows: np.ndarray, channels: np.ndarray) -> dict:
+    """The row's own channel of each per-channel family (channel rows), plus channel_empty."""
+    return {fam: np.asarray(families[fam])[rows, channels]
+            for fam in ("mean_intensity", "norm_low", "norm_high", "channel_empty")}  # fmt: skip
+
+
 def unit_obs(
     p: PlannedImage, crops: CropSet, info: ModelInfo, levels: Sequence[str]
 ) -> dict[str, pd.DataFrame]:
-    """The observation table of each level for one unit, in the store's cell-major row order."""
+    """The observation table of each level for one unit, in the store's cell-major row order.
+
+    Every level carries the technical covariates of its cells (:func:`_covariates`); the
+    per-channel families are one column per channel (``mean_intensity_DNA``) on rows that are
+    not per channel, and the row's own channel (``mean_intensity``, with ``channel_empty``) on
+    channel rows and per-channel patch rows."""
     img = p.image
     n, n_c = len(crops), img.n_channels
     nd = len(crops.size)
+    names = list(img.channel_names)
     cells = pd.DataFrame({
         "dataset": img.dataset, "image": img.name, "cell_id": crops.cell_ids,
         "centroid_y": crops.centroids[:, -2], "centroid_x": crops.centroids[:, -1],
     })  # fmt: skip
     if nd == 3:
         cells["centroid_z"] = crops.centroids[:, 0]
+    covariates, families = _covariates(p, crops)
+    for col in covariates.columns:
+        cells[col] = covariates[col].to_numpy()
+    every = np.arange(n)
     out: dict[str, pd.DataFrame] = {}
     if "global" in levels:
-        out["global"] = _with_cell_obs(conform(cells, "global", p.metadata), p.cell_obs)
+        frame = cells.assign(**_per_channel_columns(families, names, every))
+        out["global"] = _with_cell_obs(conform(frame, "global", p.metadata), p.cell_obs)
     if "channel" in levels and info.channel_agnostic:
         per_channel = cells.loc[cells.index.repeat(n_c)].reset_index(drop=True)
-        per_channel["channel"] = list(img.channel_names) * n
+        per_channel["channel"] = names * n
+        own = _row_channel_columns(families, np.repeat(every, n_c), np.tile(np.arange(n_c), n))
+        per_channel = per_channel.assign(**own)
         out["channel"] = _with_cell_obs(conform(per_channel, "channel", p.metadata),
                                         p.cell_obs)  # fmt: skip
     if "patch" in levels:
         table = patch_table(crops, info.patch_size, per_channel=info.channel_agnostic,
                             dataset=img.dataset, thresholds=p.thresholds)  # fmt: skip
+        rows = table["crop_index"].to_numpy(np.int64)
+        for col in covariates.columns:
+            table[col] = covariates[col].to_numpy()[rows]
+        if info.channel_agnostic:  # rows per channel: the row's own channel
+            channels = pd.Index(names).get_indexer(table["channel"].astype(str))
+            table = table.assign(**_row_channel_columns(families, rows, channels))
+        else:
+            table = table.assign(**_per_channel_columns(families, names, rows))
         out["patch"] = _with_cell_obs(conform(table, "patch", p.metadata), p.cell_obs)
     return out
 
@@ -138,14 +229,17 @@ def batch_rows(
 
 
 def unit_extras(
-    job: EmbedJob, info: ModelInfo, unit: UnitSpec, crop_shape, n_heads_grid
+    job: EmbedJob, info: ModelInfo, unit: UnitSpec, crop_shape, n_heads_grid, n_features: int = 0
 ) -> dict[str, tuple[tuple[int, ...], str]]:
-    """The per-cell arrays of a unit: (shape, dtype) by name."""
+    """The per-cell arrays of a unit: (shape, dtype) by name (``features``: the baseline
+    features of :mod:`napari_maeprobe.pp.measure`, when ``n_features``)."""
     n = len(unit.cell_ids)
     nd = len(info.patch_size)
-    # the unit's cells in row order: the key of every per-cell array (crop origin, attention,
-    # mask, reconstruction), whichever levels were embedded
+    # the unit's cells in row order: the key of every per-cell array (crop origin, features,
+    # attention, mask, reconstruction), whichever levels were embedded
     extras = {"cell_id": ((n,), "int64"), "origins": ((n, nd), "int64")}
+    if n_features:
+        extras["features"] = ((n, n_features), "float32")
     grid = tuple(s // p for s, p in zip(crop_shape[1:], info.patch_size))
     token_grid = ((crop_shape[0],) if info.channel_agnostic else ()) + grid
     if job.attention:
@@ -174,14 +268,20 @@ def embed_unit(
     if job.masking == "boundary":
         bfrac = patch_fractions(crops.boundary, info.patch_size).astype(np.float32)
     n_heads = None
+    names = p.feature_names()
+    per_cell = [("cell_id", 0, np.asarray(crops.cell_ids, dtype=np.int64)),
+                ("origins", 0, crops.origins.astype(np.int64))]  # fmt: skip
+    if names:  # the baseline features, rows in the unit's cell order
+        feats = p.measures.reindex(np.asarray(crops.cell_ids, dtype=np.int64))[names]
+        per_cell.append(("features", 0, feats.to_numpy(np.float32, na_value=np.nan)))
     writes_iter = engine.embed(crops.crops, bfrac, progress=progress,
                                first_index=unit.first_index)  # fmt: skip
     first = True
     for res in writes_iter:
         if first:
             n_heads = res.attention.shape[1] if res.attention is not None else 0
-            yield ("begin", obs, unit_extras(job, info, unit, crops.crops.shape[1:], n_heads))
-            yield ("rows", [("cell_id", 0, np.asarray(crops.cell_ids, dtype=np.int64)),
-                            ("origins", 0, crops.origins.astype(np.int64))])
+            yield ("begin", obs, unit_extras(job, info, unit, crops.crops.shape[1:], n_heads,
+                                             len(names)))  # fmt: skip
+            yield ("rows", per_cell)
             first = False
         yield ("rows", batch_rows(res, unit, info, job.levels))

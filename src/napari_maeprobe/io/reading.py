@@ -706,7 +706,11 @@ def group_channel_files(
         by_count[len(tokens[f])].append(f)
     result: list[tuple[str, list[Path], list[str]]] = []
     for bucket in by_count.values():
-        found = _channel_position([tokens[f] for f in bucket]) if len(bucket) > 1 else None
+        # Opera Phenix / Operetta names: r01c01f03p01 is the well, field and plane, never the
+        # channel (with two wells and two channels, c01/c13 would look like one)
+        phenix = [_PHENIX.match(f.stem) for f in bucket]
+        first = len(_TOKEN.findall(phenix[0].group("image"))) if all(phenix) else 0
+        found = _channel_position([tokens[f] for f in bucket], first) if len(bucket) > 1 else None
         if found is None:
             result.extend((f.stem, [f], [""]) for f in bucket)
             continue
@@ -760,12 +764,14 @@ def _cross_groups(token_lists: list[list[str]], i: int, drop: set[int]) -> dict 
     return groups
 
 
-def _channel_position(token_lists: list[list[str]]) -> tuple[int, tuple[int, ...]] | None:
-    """The token position that names the channel and every position that varies with it, or
-    ``None`` if the files do not group."""
+def _channel_position(
+    token_lists: list[list[str]], first: int = 0
+) -> tuple[int, tuple[int, ...]] | None:
+    """The token position (from ``first`` on) that names the channel and every position that
+    varies with it, or ``None`` if the files do not group."""
     n = len(token_lists[0])
     valid: list[tuple[int, int, int, tuple[int, ...]]] = []
-    for i in range(n):
+    for i in range(first, n):
         values = {t[i] for t in token_lists}
         if len(values) < 2 or all(v.isdigit() for v in values):
             continue  # constant, or a plain number (a site, z or channel index, not a name)

@@ -100,6 +100,23 @@ TABLE_HELP = {
     "purity_baseline": "the same after shuffling the column (what chance gives)",
     "purity_gain": "purity minus baseline: how much the embedding itself is organised by it",
     "position_r2": "how well a linear model reads the patch position out of the embedding (R²)",
+    "role": "what the column stands for (batch, condition, patch position, a crop artefact, "
+    "brightness, ...)",
+    "effect": "strong, weak, or none (within noise: the AMI does not exceed ami_null)",
+    "missing": "fraction of rows without a value (compared as a value of its own, so every "
+    "column is compared on the same rows)",
+    "ami_low": "low end of the AMI's 95 % bootstrap interval over rows",
+    "ami_high": "high end of the AMI's 95 % bootstrap interval over rows",
+    "ami_null": "the AMI the column must exceed to count: what shuffled values reach "
+    "(99th percentile, over all columns tested)",
+    "p_value": "share of shuffles whose AMI reaches the column's (1: chance explains it)",
+    "strength": "the AMI over the smaller of the two entropies: 1 when the clusters nest in the "
+    "column's values or the other way round; strong from 0.5",
+    "tier": "1: not separable from the top column (bootstrap); 2: from the best of the rest; "
+    "0: no effect",
+    "purity_z": "kNN purity above its baseline in standard deviations of the shuffles",
+    "confounded_with": "columns that split the rows the same way (their values match one to "
+    "one, e.g. plate and imaging date), or image (one value per image, one image per value)",
 }
 
 #: groups of the diagnostics bar chart: (label, colour, columns)
@@ -110,9 +127,19 @@ _GROUPS = (
     ("marker channel", "#7b4fb0", {"channel"}),
     ("dataset / image", "#8c8c8c", {"dataset", "image"}),
     ("signal vs background", "#3b9c5a", {"foreground", "patch_intensity"}),
+    ("crop artefact", "#d1495b", {"crop_padding", "touches_border", "channel_empty"}),
 )
+#: groups of columns not listed above, by their schema role (schema.column_role)
+_ROLE_GROUPS = {
+    "intensity": ("brightness / size / density", "#6aa84f"),
+    "batch": ("batch (plate, date)", "#5d5d5d"),
+    "condition": ("condition (treatment)", "#c2185b"),
+    "position": ("position in image", "#2a9d9d"),
+    "artefact": ("crop artefact", "#d1495b"),
+}
 _OTHER_GROUP = ("other", "#3d6fb5")
-
+#: at most this many columns in the diagnostics bar chart (the highest AMIs)
+MAX_BARS = 24
 
 
 # --------------------------------------------------------------------------- small helpers
@@ -355,22 +382,29 @@ def ami_series(table: pd.DataFrame) -> pd.Series | None:
 
 
 def _group(column: str) -> tuple[str, str]:
+    from napari_maeprobe.schema import column_role
+
     for label, colour, members in _GROUPS:
         if column in members:
             return label, colour
-    return _OTHER_GROUP
+    return _ROLE_GROUPS.get(column_role(column), _OTHER_GROUP)
+
+
+def _all_groups() -> list[tuple[str, str]]:
+    out = [(label, colour) for label, colour, _ in _GROUPS]
+    out += [g for g in _ROLE_GROUPS.values() if g not in out]
+    return out + [_OTHER_GROUP]
 
 
 def drivers_png(path: Path, ami: pd.Series, level: str, labels_name: str = "") -> None:
     """A horizontal bar chart of AMI per column (largest on top), bars coloured by kind."""
     from matplotlib.patches import Patch
 
-    ami = ami.sort_values(ascending=True)
+    ami = ami.sort_values(ascending=True).tail(MAX_BARS)
     n = len(ami)
     groups = [_group(c) for c in ami.index]
     present = set(groups)
-    seen = [(label, colour) for label, colour, _ in _GROUPS if (label, colour) in present]
-    seen += [_OTHER_GROUP] if _OTHER_GROUP in present else []
+    seen = [g for g in _all_groups() if g in present]
     top = 0.7 if len(seen) <= 4 else 0.9  # inches above the bars: title and legend rows
     height = 0.55 + top + 0.28 * n  # 0.55 below the bars: ticks and axis label
     fig = _new_figure(6.4, height)
@@ -505,6 +539,13 @@ def _facts_rows(
         )
         rows.append(("Crop / patch size", _e(text)))
 
+    method, by, ref = take("normalization", "normalize_by", "normalize_reference")
+    used.add("normalization_hides")
+    if method is not None:
+        text = f"{method}, statistics per {by or 'image'}" + (
+            f" from the {ref} images" if ref else ""
+        )
+        rows.append(("Normalisation", _e(text)))
     (n_images,) = take("n_images")
     if n_images is None and segmentation is not None and len(segmentation):
         n_images = len(segmentation)
@@ -619,7 +660,7 @@ def write_report(
     drivers: dict[str, object] | None,
     facts: dict,
     segmentation: pd.DataFrame | None = None,
-    colour_by: tuple[str, ...] = DEFAULT_COLOUR_BY,
+    colour_by: tuple[str, ...] | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> Path:
     """Write ``out_dir/report.html`` and the PNGs it shows; return the page's path.
@@ -628,8 +669,9 @@ def write_report(
     rows not analysed, optional ``uns["effective_rank"]`` and ``uns["maeprobe"]`` facts).
     ``drivers``: level -> object with ``.table`` (DataFrame, an AMI column per obs column) and
     ``.verdict`` (str); ``None``: each level's ``uns["maeprobe_drivers"]`` (as analysis left
-    it). ``facts``: model and run facts for the header. ``progress`` (optional)
-    gets one line per figure.
+    it). ``facts``: model and run facts for the header. ``colour_by``: the UMAP colourings
+    (default: :data:`DEFAULT_COLOUR_BY` and the drivers each level's diagnostics found).
+    ``progress`` (optional) gets one line per figure.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -646,9 +688,16 @@ def write_report(
                 merged.setdefault(str(k), v)
     merged.update(facts or {})
 
+    from napari_maeprobe.pp.normalization_groups import describe_normalization
+
+    hides = merged.get("normalization_hides") or describe_normalization(
+        str(merged.get("normalization", "percentile")), str(merged.get("normalize_by") or "image"),
+        merged.get("normalize_reference"),
+    )  # fmt: skip
     sections: list[str] = []
     for level in order:
-        sections.append(_level_section(out_dir, level, levels[level], drivers, colour_by, progress))
+        sections.append(_level_section(out_dir, level, levels[level], drivers, colour_by,
+                                       progress, hides))  # fmt: skip
 
     title = f"maeprobe report — {merged.get('model', 'embeddings')}"
     facts_html = "\n".join(
@@ -696,13 +745,33 @@ same points in several colourings. Structure that follows <code>channel</code>,
     return path
 
 
+def drivers_found(table: pd.DataFrame | None, limit: int = 4) -> list[str]:
+    """The columns the diagnostics name as drivers (an effect beyond noise, highest AMI
+    first; tables without an ``effect`` column: AMI at least 0.05), at most ``limit``."""
+    if not isinstance(table, pd.DataFrame) or not len(table) or "column" not in table:
+        return []
+    t = table.copy()
+    t["ami"] = pd.to_numeric(t.get("ami"), errors="coerce")
+    if "effect" in t:
+        t = t[t["effect"].astype(str).isin(["strong", "weak"])]
+    else:
+        t = t[t["ami"] >= 0.05]
+    return [str(c) for c in t.sort_values("ami", ascending=False)["column"].head(limit)]
+
+
+def _analysis_summary(adata: anndata.AnnData, level: str) -> Mapping[str, Any]:
+    uns = dict(getattr(adata, "uns", {}).get("maeprobe", {}) or {})
+    return dict(dict(uns.get("analysis", {}) or {}).get(level, {}) or {})
+
+
 def _level_section(
     out_dir: Path,
     level: str,
     adata: anndata.AnnData,
     drivers: Mapping[str, object],
-    colour_by: tuple[str, ...],
+    colour_by: tuple[str, ...] | None,
     progress: Callable[[str], None] | None,
+    hides: str = "",
 ) -> str:
     """Draw one level's figures and return its HTML section."""
     obs: pd.DataFrame = adata.obs
@@ -715,6 +784,13 @@ def _level_section(
     verdict, table = _get(drv, "verdict"), _get(drv, "table")
     if verdict:
         parts.append(f'<p class="verdict"><strong>{_e(verdict)}</strong></p>')
+    if hides:
+        parts.append(f'<p class="note">Normalisation: {_e(hides)}.</p>')
+    summary = _analysis_summary(adata, level)
+    content = summary.get("channel_content")
+    if isinstance(content, Mapping) and content.get("line"):
+        parts.append(f'<p class="verdict">{_e(content["line"])}</p>')
+    parts.append(_condition_batch_html(summary.get("condition_batch")))
     if isinstance(table, pd.DataFrame) and len(table):
         parts.append("<h3>Diagnostics</h3>")
         parts.append('<div class="drivers">')
@@ -740,6 +816,12 @@ def _level_section(
     else:
         parts.append('<p class="note">No diagnostics for this level.</p>')
 
+    if colour_by is None:  # the usual maps, then the drivers found, then condition and batch
+        extra = drivers_found(table if isinstance(table, pd.DataFrame) else None)
+        cb = summary.get("condition_batch")
+        if isinstance(cb, Mapping):
+            extra += [str(cb[k]) for k in ("condition", "batch") if cb.get(k)]
+        colour_by = tuple(dict.fromkeys([*DEFAULT_COLOUR_BY, *extra]))
     xy = adata.obsm["X_umap"] if "X_umap" in getattr(adata, "obsm", {}) else None
     figures = []
     if xy is not None:
@@ -770,3 +852,37 @@ def _level_section(
         parts.append('<p class="note">No column varies at this level; nothing to colour by.</p>')
     parts.append("</section>\n")
     return "\n".join(parts)
+
+
+def _condition_batch_html(result: object) -> str:
+    """The batch-versus-biology comparison (tl.condition_batch) as a line and a table."""
+    if not isinstance(result, Mapping):
+        return ""
+    parts = ["<h3>Batch versus biology</h3>"]
+    line = result.get("summary") or result.get("line")
+    if line:
+        parts.append(f'<p class="verdict">{_e(line)}</p>')
+    rows = result.get("table")
+    if isinstance(rows, list) and rows:
+        parts.append(_table_html(pd.DataFrame.from_records(rows), decimals=3))
+    for note in result.get("notes", []) or []:
+        parts.append(f'<p class="note">{_e(note)}</p>')
+    return "\n".join(parts)
+
+
+def report_store(store, out_dir: Path, progress: Callable[[str], None] | None = None) -> Path:
+    """``report.html`` for an analysed store (``maeprobe report STORE``): every level's facts,
+    verdict, diagnostics, batch-versus-biology comparison and UMAPs, as the demo writes it."""
+    from napari_maeprobe.table import read_level
+
+    levels = {lvl: read_level(store, lvl) for lvl in store.levels()}
+    missing = [lvl for lvl, a in levels.items() if "X_umap" not in a.obsm]
+    if missing:
+        from napari_maeprobe.errors import MaeprobeInputError
+
+        raise MaeprobeInputError(
+            f"{store.path} has no analysis of the {', '.join(missing)} level(s)",
+            f"run `maeprobe analyze {store.path}` first",
+        )
+    facts = {"store": str(store.path), "n_images": len(store.image_names())}
+    return write_report(out_dir, levels, None, facts, segmentation=None, progress=progress)

@@ -33,6 +33,9 @@ class AnalysisSettings:
     resolution: float = 1.0  # Leiden
     kmeans: int | None = None  # k for k-means (None: no k-means)
     seed: int = 0
+    condition: str | None = None  # treatment column: condition vs control, grouped by batch
+    batch: str | None = None  # batch column (plate, imaging date)
+    control: str | None = None  # the control value of ``condition`` (None: guessed)
 
 
 def analyze(
@@ -62,8 +65,9 @@ def analyze(
     settings = settings or AnalysisSettings()
     level = level_of(adata)
     t0 = time.perf_counter()
-    report(progress, 0, 5, f"analysing {level}")
     obs = adata.obs.reset_index(drop=True)
+    _check_roles(settings, obs)
+    report(progress, 0, 5, f"analysing {level}")
     X = np.asarray(adata.X, dtype=np.float32)
     n = len(obs)
     valid = np.isfinite(X).all(axis=1)
@@ -100,7 +104,7 @@ def analyze(
     report(progress, 3, 5, f"analysing {level}")
     drivers = what_drives(P, obs.iloc[rows].reset_index(drop=True), clusters,
                           n_neighbors=settings.n_neighbors, seed=settings.seed,
-                          labels_name="leiden")  # fmt: skip
+                          labels_name="leiden", **_roles(what_drives, settings))  # fmt: skip
     report(progress, 4, 5, f"analysing {level}")
     rank = effective_rank(X[valid])
     adata.obsm["X_pca"] = _scatter_rows(P, rows, n)
@@ -112,6 +116,20 @@ def analyze(
         "settings": {k: v for k, v in vars(settings).items()},
         "verdict": drivers.verdict, "seconds": round(time.perf_counter() - t0, 2),
     }  # fmt: skip
+    if level == "channel":  # do per-channel embeddings describe the channel or the cell?
+        from napari_maeprobe.tl.channel_content import channel_content
+
+        content = channel_content(X[rows], obs.iloc[rows])
+        if content is not None:
+            summary["channel_content"] = content
+    if level == "global" and settings.condition and settings.batch:
+        from napari_maeprobe.tl.condition_batch import compare_condition_batch
+
+        summary["condition_batch"] = compare_condition_batch(
+            adata, settings.condition, settings.batch, settings.control,
+            n_neighbors=settings.n_neighbors, seed=settings.seed, progress=progress,
+        )  # fmt: skip
+        summary["seconds"] = round(time.perf_counter() - t0, 2)
     adata.uns.setdefault(UNS_KEY, {}).setdefault("analysis", {})[level] = summary
     adata.uns.setdefault(DRIVERS_KEY, {})[level] = drivers.to_uns()
     set_colors(adata)
@@ -139,6 +157,36 @@ def analyze_store(
             out[level] = analyze(adata, settings, progress)
             save_analysis(store, adata)
     return out
+
+
+def _check_roles(settings: AnalysisSettings, obs: pd.DataFrame) -> None:
+    """Refuse, before any work, a condition without a batch (or the reverse) and a column the
+    table lacks."""
+    if settings.control and not settings.condition:
+        raise MaeprobeInputError(
+            "--control names the control of --condition, which is not given",
+            "pass --condition COL --batch COL with it, or leave --control out",
+        )
+    if bool(settings.condition) != bool(settings.batch):
+        given, other = ("--condition", "--batch")[:: 1 if settings.condition else -1]
+        raise MaeprobeInputError(
+            f"{given} needs {other}: condition vs control is scored with folds grouped by batch",
+            "pass both, e.g. --condition compound --batch plate",
+        )
+    for col, opt in ((settings.condition, "--condition"), (settings.batch, "--batch")):
+        if col and col not in obs:
+            raise MaeprobeInputError(
+                f"no column {col!r} in the store's table",
+                f"pass {opt} one of: {', '.join(map(str, obs.columns))}",
+            )
+
+
+def _roles(what_drives, settings: AnalysisSettings) -> dict:
+    """The condition and batch columns for ``what_drives``, when it takes them."""
+    import inspect
+
+    params = inspect.signature(what_drives).parameters
+    return {k: getattr(settings, k) for k in ("condition", "batch") if k in params}
 
 
 def _scatter_rows(values: np.ndarray, rows: np.ndarray, n: int) -> np.ndarray:
