@@ -230,7 +230,7 @@ def test_without_baseline_features_says_so(lincs):
     assert "baseline" not in res["conditions"]["lonafarnib"]
 
 
-def test_cli_analyze_with_condition_and_batch(lincs, tmp_path):
+def test_cli_analyze_with_condition_and_batch(lincs, tmp_path, capsys):
     """`maeprobe embed` of the site-3 fields (the cells of the fixture, as --labels), then
     `maeprobe analyze --condition compound --batch plate` prints the summary line and keeps the
     result in the store; a missing column is one line naming the columns that exist."""
@@ -239,6 +239,7 @@ def test_cli_analyze_with_condition_and_batch(lincs, tmp_path):
     import tifffile
 
     from conftest import maeprobe
+    from napari_maeprobe.cli import main
     from napari_maeprobe.embed.store import EmbeddingStore
     from napari_maeprobe.table import read_level
 
@@ -257,25 +258,28 @@ def test_cli_analyze_with_condition_and_batch(lincs, tmp_path):
     r = maeprobe("embed", str(tree / "images"), "--labels", str(labs), "--metadata",
                  str(tree / "fov.csv"), "--levels", "global", "--out", str(store))  # fmt: skip
     assert r.returncode == 0, r.stderr
-    r = maeprobe("analyze", str(store), "--condition", "compound", "--batch", "plate",
-                 "--control", "DMSO")  # fmt: skip
-    assert r.returncode == 0, r.stderr
-    assert "lonafarnib vs DMSO across plates" in r.stdout
+    # analyze and evaluate in this process (the embedding above ran as a user would)
+    assert main(["analyze", str(store), "--condition", "compound", "--batch", "plate",
+                 "--control", "DMSO"]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert "lonafarnib vs DMSO across plates" in out
     saved = read_level(EmbeddingStore(store), "global").uns["maeprobe"]["analysis"]["global"]
     assert saved["condition_batch"]["control"] == "DMSO"
     assert saved["condition_batch"]["conditions"]["lonafarnib"]["grouping"] == (
         "leave one plate out"
     )
-    r = maeprobe("analyze", str(store), "--condition", "drug", "--batch", "plate")
-    assert r.returncode == 2
-    err = r.stderr.strip().splitlines()
-    assert len(err) == 1 and "'drug'" in err[0] and "compound" in err[0], r.stderr
-    r = maeprobe("evaluate", str(store), "--probe", "compound", "--group-by", "plate")
-    assert r.returncode == 0, r.stderr
-    assert "linear probe of compound" in r.stdout and "leave one plate out" in r.stdout
-    r = maeprobe("evaluate", str(store), "--probe", "compound", "--group-by", "genotype")
-    err = r.stderr.strip().splitlines()
-    assert r.returncode == 2 and len(err) == 1 and "'genotype'" in err[0], r.stderr
+    for argv, name in (
+        (["analyze", str(store), "--condition", "drug", "--batch", "plate"], "'drug'"),
+        (["analyze", str(store), "--condition", "compound"], "--batch"),
+        (["evaluate", str(store), "--probe", "compound", "--group-by", "genotype"], "'genotype'"),
+    ):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and name in err[0], err
+    assert "compound" in err[0]  # the columns that exist are named
+    assert main(["evaluate", str(store), "--probe", "compound", "--group-by", "plate"]) == 0
+    out = capsys.readouterr().out
+    assert "linear probe of compound" in out and "leave one plate out" in out
 
 
 def test_evaluate_grouped_folds_match_sklearn(lincs):

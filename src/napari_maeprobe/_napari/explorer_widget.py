@@ -32,6 +32,7 @@ from qtpy.QtWidgets import (
 
 from napari_maeprobe._napari.hub import hub_for
 from napari_maeprobe._napari.scatter import LegendWidget, ScatterCanvas
+from napari_maeprobe.errors import MaeprobeInputError
 from napari_maeprobe.pl.linking import (
     ExplorerData,
     available_levels,
@@ -78,6 +79,7 @@ class ExplorerWidget(QWidget):
         self._labels_cache: dict[str, np.ndarray] = {}
         self.last_clicked: np.ndarray = np.zeros(0, dtype=np.int64)
         self.drivers = None  # the DriversReport the diagnostics tab shows
+        self.comparison: dict | None = None  # the last batch-versus-biology result
 
         self.source_label = QLabel("no embeddings loaded")
         self.open_button = QPushButton("Open store / .h5ad...")
@@ -130,6 +132,33 @@ class ExplorerWidget(QWidget):
         row.addWidget(self.recolour_button)
         dl.addLayout(row)
 
+        self.context = QLabel("")  # normalisation, channel content: what the verdict cannot see
+        self.context.setWordWrap(True)
+        dl.insertWidget(1, self.context)
+
+        # batch versus biology tab
+        self.condition_combo = QComboBox()
+        self.batch_combo = QComboBox()
+        self.control_combo = QComboBox()
+        self.compare_button = QPushButton("Compare condition and batch")
+        self.compare_result = QLabel("")
+        self.compare_result.setWordWrap(True)
+        self.compare_result.setTextFormat(Qt.TextFormat.RichText)
+        for combo, tip in (
+            (self.condition_combo, "the treatment column (compound, genotype, ...)"),
+            (self.batch_combo, "the batch column (plate, imaging date, ...): folds are grouped "
+                               "by it, so no batch is in training and test at once"),
+            (self.control_combo, "the control value of the condition (e.g. DMSO)"),
+        ):  # fmt: skip
+            combo.setToolTip(tip)
+        bio = QWidget()
+        bl = QFormLayout(bio)
+        bl.addRow("condition", self.condition_combo)
+        bl.addRow("control", self.control_combo)
+        bl.addRow("batch", self.batch_combo)
+        bl.addRow(self.compare_button)
+        bl.addRow(self.compare_result)
+
         # export tab
         self.export_format = QComboBox()
         self.export_format.addItems(["h5ad", "parquet", "csv"])
@@ -145,6 +174,7 @@ class ExplorerWidget(QWidget):
 
         tabs = QTabWidget()
         tabs.addTab(diag, "Diagnostics")
+        tabs.addTab(bio, "Batch vs biology")
         tabs.addTab(exp, "Export")
 
         layout = QVBoxLayout(self)
@@ -177,6 +207,8 @@ class ExplorerWidget(QWidget):
         self.scatter.selection_changed.connect(self._selection_changed)
         self.diagnose_button.clicked.connect(self.diagnose_selection)
         self.recolour_button.clicked.connect(self.colour_by_top_column)
+        self.compare_button.clicked.connect(self.compare_condition_batch)
+        self.condition_combo.currentTextChanged.connect(self._condition_changed)
         self.export_all_button.clicked.connect(lambda: self._ask_export(False))
         self.export_selection_button.clicked.connect(lambda: self._ask_export(True))
         self.save_plot_button.clicked.connect(self._ask_save_plot)
@@ -266,6 +298,8 @@ class ExplorerWidget(QWidget):
         self.legend.set_entries(self.scatter.legend())
         self._filters_changed()
         self._show_drivers(data.drivers)
+        self._show_context(data)
+        self._fill_condition_batch(data.obs)
         self.loaded.emit(data)
 
     @staticmethod
@@ -459,6 +493,95 @@ class ExplorerWidget(QWidget):
                 self.table.setItem(i, j, QTableWidgetItem(text))
         self.table.resizeColumnsToContents()
 
+    def _show_context(self, data: ExplorerData) -> None:
+        """What the verdict cannot see: how the images were normalised, and at the channel
+        level whether the per-channel embeddings describe the channel or the cell."""
+        from napari_maeprobe.pp.normalization_groups import describe_normalization
+
+        facts = dict(data.adata.uns.get("maeprobe", {}) or {})
+        hides = facts.get("normalization_hides") or describe_normalization(
+            str(facts.get("normalization", "percentile"))
+        )
+        summary = dict(dict(facts.get("analysis", {}) or {}).get(data.level, {}) or {})
+        lines = [f"Normalisation: {hides}."]
+        content = summary.get("channel_content")
+        if isinstance(content, dict) and content.get("line"):
+            lines.append(str(content["line"]))
+        stored = summary.get("condition_batch")
+        if isinstance(stored, dict) and stored.get("summary"):
+            lines.append(str(stored["summary"]))
+        self.context.setText("\n".join(lines))
+
+    def _fill_condition_batch(self, obs: pd.DataFrame) -> None:
+        """Offer the grouping columns; preselect those whose names say treatment or batch."""
+        from napari_maeprobe.schema import column_role
+
+        columns = [c for c in obs.columns
+                   if isinstance(obs[c].dtype, pd.CategoricalDtype)
+                   and 2 <= obs[c].nunique(dropna=True) <= 200
+                   and column_role(c) not in ("analysis", "channel", "identity")]  # fmt: skip
+        for combo, role in ((self.condition_combo, "condition"), (self.batch_combo, "batch")):
+            combo.blockSignals(True)
+            combo.clear()
+            combo.addItems(columns)
+            pick = [c for c in columns if column_role(c) == role and c not in ("image", "dataset")]
+            if pick:
+                combo.setCurrentText(pick[0])
+            combo.blockSignals(False)
+        self._condition_changed(self.condition_combo.currentText())
+        self.compare_button.setEnabled(len(columns) >= 2)
+
+    def _condition_changed(self, column: str) -> None:
+        from napari_maeprobe.tl.condition_batch import guess_control
+
+        self.control_combo.clear()
+        if self.data is None or column not in self.data.obs:
+            return
+        values = self._values(self.data.obs, column)
+        self.control_combo.addItems(values)
+        try:
+            self.control_combo.setCurrentText(guess_control(self.data.obs[column], None, column))
+        except MaeprobeInputError:
+            pass  # no usual control name: the user picks one
+
+    def compare_condition_batch(self) -> None:
+        """Condition vs control with folds grouped by batch, for the embedding and the
+        intensity/shape baseline (tl.condition_batch), on the cells (global level), in a
+        worker thread."""
+        from napari.qt.threading import thread_worker
+
+        from napari_maeprobe.tl.condition_batch import compare_condition_batch
+
+        data = self.data
+        condition, batch = self.condition_combo.currentText(), self.batch_combo.currentText()
+        control = self.control_combo.currentText() or None
+        if data is None or not condition or not batch:
+            _error(ValueError("load a store with condition and batch columns first"))
+            return
+        if condition == batch:
+            _error(ValueError("pick two different columns for condition and batch"))
+            return
+
+        @thread_worker
+        def work():
+            adata = data.adata
+            if data.level != "global":
+                if data.store is None:
+                    raise MaeprobeInputError(
+                        "the comparison needs the cells (global level), not loaded here",
+                        "open the store that holds the global level",
+                    )
+                from napari_maeprobe.table import read_level
+
+                adata = read_level(data.store, "global")
+            return compare_condition_batch(adata, condition, batch, control)
+
+        def done(result: dict) -> None:
+            self.comparison = result
+            self.compare_result.setText(_comparison_html(result))
+
+        self._run(work(), done, busy=f"comparing {condition} and {batch}")
+
     def diagnose_selection(self) -> None:
         """Rank the metadata columns by how much the current selection (vs the rest) follows
         them, in a worker thread; the table and verdict update when done."""
@@ -555,3 +678,17 @@ def _analyse_in_subprocess(path: Path, levels: list[str]):
     log.close()
     if proc.returncode != 0:
         raise RuntimeError(err[-1] if err else f"maeprobe analyze failed ({proc.returncode})")
+
+
+def _comparison_html(result: dict) -> str:
+    """The comparison's summary line and its table, as rich text for a label."""
+    import html
+
+    parts = [f"<b>{html.escape(str(result.get('summary', '')))}</b>"]
+    rows = result.get("table")
+    if isinstance(rows, list) and rows:
+        frame = pd.DataFrame.from_records(rows)
+        parts.append(frame.to_html(index=False, float_format=lambda v: f"{v:.2f}", border=0))
+    for note in result.get("notes", []) or []:
+        parts.append(f"<i>{html.escape(str(note))}</i>")
+    return "<br>".join(parts)

@@ -254,6 +254,10 @@ def plan_units(
     return units
 
 
+#: job settings added after stores were first written, with their defaults
+LATER_PARAMS = {"exclude_border": False, "normalize_by": "image", "normalize_reference": None}
+
+
 def job_signature(
     job: EmbedJob, planned_inputs: list[dict], info: ModelInfo, segmentation: str, per_unit: int
 ) -> dict:
@@ -264,6 +268,9 @@ def job_signature(
     params = asdict(job)
     for key in ("device", "precision", "batch_size"):  # how it runs, not what it computes
         params.pop(key)
+    for key, default in LATER_PARAMS.items():  # settings added later: at their default they
+        if params.get(key) == default:  # are left out, so stores written before still resume
+            params.pop(key)
     params["segmentation"] = segmentation
     params["cells_per_unit"] = per_unit  # the unit layout a resumed job must keep
     return {

@@ -338,25 +338,42 @@ def _fmt(entry: dict, space: str) -> str:
     return f"{entry[space]['best']:.2f}"
 
 
+def _versus_chance(score: dict, chance: float) -> int:
+    """+1 above chance beyond noise, -1 below it beyond noise, 0 within noise."""
+    return _differs(score["best"], score["best_noise"], chance, 0.0)
+
+
 def _condition_phrase(c: str, e: dict, batch: str) -> str:
     where = f"across {batch}s" if e["grouping"].startswith("leave") else "across images"
     head = f"{c} vs {e['control']} {where}: embedding {_fmt(e, 'embedding')}"
     emb = e["embedding"]
-    emb_sep = _differs(emb["best"], emb["best_noise"], e["chance"], 0.0) > 0
+    emb_sep = _versus_chance(emb, e["chance"])
+    below = (f"below chance: what tells them apart in one {batch} is reversed in another "
+             f"(a well or {batch} effect, not the treatment)")  # fmt: skip
     if "baseline" not in e:
-        tail = "separated" if emb_sep else "not separated beyond noise"
+        tail = {1: "separated", 0: "not separated beyond noise", -1: below}[emb_sep]
         return f"{head} balanced accuracy (chance {e['chance']:.2f}): {tail}"
     base = e["baseline"]
     head += f", intensity/shape baseline {_fmt(e, 'baseline')} balanced accuracy"
     head += f" (chance {e['chance']:.2f})"
-    base_sep = _differs(base["best"], base["best_noise"], e["chance"], 0.0) > 0
-    if not emb_sep and not base_sep:
+    base_sep = _versus_chance(base, e["chance"])
+    if emb_sep < 1 and base_sep < 1:
+        if -1 in (emb_sep, base_sep):
+            who = ("both" if emb_sep == base_sep == -1
+                   else "the embedding" if emb_sep == -1 else "the baseline")  # fmt: skip
+            return f"{head}: neither separates it; {who} {'are' if who == 'both' else 'is'} {below}"
         return f"{head}: neither separates it beyond noise"
     d = _differs(emb["best"], emb["best_noise"], base["best"], base["best_noise"])
     if d > 0:
         return f"{head}: the model sees more than simple features here"
     if d < 0:
         return f"{head}: simple features separate it better than the model"
+    if base_sep < 1:
+        return (f"{head}: the embedding separates it and the baseline not beyond noise, but "
+                "the two differ within noise")  # fmt: skip
+    if emb_sep < 1:
+        return (f"{head}: the baseline separates it and the embedding not beyond noise, but "
+                "the two differ within noise")  # fmt: skip
     return f"{head}: the model adds nothing beyond simple features here (within noise)"
 
 
@@ -364,10 +381,26 @@ def _normalised(score: float, chance: float) -> float:
     return (score - chance) / (1 - chance) if chance < 1 else 0.0
 
 
+def _batch_vs_biology(b: dict, scored: dict, space: str) -> tuple[int, str] | None:
+    """Whether the batch separates more (+1), less (-1) or alike (0) than the best-separated
+    condition in one feature space, on the chance-normalised scale (0 chance, 1 perfect)."""
+    cands = [c for c in scored if space in scored[c]]
+    if space not in b or not cands:
+        return None
+    top = max(cands, key=lambda c: _normalised(scored[c][space]["best"], scored[c]["chance"]))
+    e = scored[top]
+    d = _differs(
+        _normalised(b[space]["best"], b["chance"]), b[space]["best_noise"] / (1 - b["chance"]),
+        _normalised(e[space]["best"], e["chance"]), e[space]["best_noise"] / (1 - e["chance"]),
+    )  # fmt: skip
+    return d, top
+
+
 def summary_line(result: dict) -> str:
     """One line for a biologist: per condition (the best separated first, at most three),
-    embedding vs baseline, then whether the batch separates more than the biology; only
-    differences beyond noise are worded as differences."""
+    embedding vs baseline, then whether the batch separates more than the biology (on the
+    chance-normalised scale, in the embedding and in the baseline); only differences beyond
+    noise are worded as differences."""
     batch = result["batch"]
     scored = {c: e for c, e in result["conditions"].items() if "embedding" in e}
     parts = []
@@ -385,16 +418,21 @@ def summary_line(result: dict) -> str:
         if "baseline" in b:
             text += f" (baseline {b['baseline']['best']:.2f})"
         text += f", chance {b['chance']:.2f}"
-        if order:
-            top = scored[order[0]]
-            nb = _normalised(b["embedding"]["best"], b["chance"])
-            nc = _normalised(top["embedding"]["best"], top["chance"])
-            noise_b = b["embedding"]["best_noise"] / (1 - b["chance"])
-            noise_c = top["embedding"]["best_noise"] / (1 - top["chance"])
-            d = _differs(nb, noise_b, nc, noise_c)
-            text += (f", so {batch} separates more than biology in the embedding" if d > 0
-                     else f", so biology ({order[0]}) separates more than {batch}" if d < 0
-                     else f"; {batch} and {order[0]} separate alike (within noise)")  # fmt: skip
+
+        def say(v: tuple[int, str]) -> str:
+            d, top = v
+            return (f"{batch} separates more than biology ({top})" if d > 0
+                    else f"biology ({top}) separates more than {batch}" if d < 0
+                    else f"{batch} and {top} separate alike (within noise)")  # fmt: skip
+
+        emb = _batch_vs_biology(b, scored, "embedding")
+        base = _batch_vs_biology(b, scored, "baseline")
+        if emb and base and emb[0] == base[0]:
+            text += f": {say(emb)}, in the embedding and the baseline alike"
+        elif emb and base:
+            text += f": in the embedding {say(emb)}; with simple features {say(base)}"
+        elif emb:
+            text += f": {say(emb)}"
         parts.append(text)
     elif "skipped" in b:
         parts.append(f"{batch}: {b['skipped']}")
