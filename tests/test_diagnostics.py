@@ -287,7 +287,7 @@ def test_equal_effects_are_not_ranked(patch_obs):
     r, c = row(report, "patch_row"), row(report, "patch_col")
     assert r["ami"] == pytest.approx(c["ami"], abs=0.01) and r["tier"] == c["tier"] == 1
     assert "not separable" in report.verdict
-    lead = report.verdict.split(" more than ")[0]
+    lead = report.verdict.split(", more than ")[0]
     assert "patch_row" in lead and "patch_col" in lead
 
 

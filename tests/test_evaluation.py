@@ -67,3 +67,16 @@ def test_attention_iou_bad_shapes():
 
 def test_effective_rank_is_reexported():
     assert effective_rank is analysis.effective_rank
+
+
+def test_linear_probe_groups_must_pair_with_rows():
+    rng = np.random.default_rng(2)
+    X = rng.normal(size=(40, 5))
+    y = np.array(["a", "b"] * 20)
+    with pytest.raises(MaeprobeInputError, match="groups for"):
+        linear_probe(X, y, groups=np.arange(10))
+    with pytest.raises(MaeprobeInputError, match="one value"):
+        linear_probe(X, y, groups=np.zeros(40))
+    # two groups, each holding both classes: leave one group out, 2 folds
+    res = linear_probe(X, y, groups=np.repeat(["p1", "p2"], 20), group_name="plate")
+    assert res["grouping"] == "leave one plate out" and res["cv"] == 2

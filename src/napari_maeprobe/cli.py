@@ -509,6 +509,10 @@ def cmd_evaluate(args) -> int:
     from napari_maeprobe.tl.evaluate import evaluate_store
 
     store = EmbeddingStore(args.store)
+    if args.json:  # before the work (and its progress bars), not after
+        from napari_maeprobe.io.files import check_output_path
+
+        check_output_path(args.json)
     results = evaluate_store(store, _levels(args.levels), args.probe, max_rows=args.max_rows,
                              group_by=args.group_by, progress=args.progress)  # fmt: skip
     cells = results.pop("cells", {})
@@ -554,7 +558,10 @@ def cmd_report(args) -> int:
 
     store = EmbeddingStore(args.store, mode="a")
     store.require_complete(args.allow_incomplete)
-    todo = [lvl for lvl in store.levels() if lvl not in store.analysed_levels()]
+    analysed = store.analysed_levels()
+    # a store never analysed is analysed whole; otherwise the levels left out stay out (the
+    # page says how to add them), unless the comparison asks for the global level
+    todo = [] if analysed else list(store.levels())
     asked = {"condition": args.condition, "batch": args.batch, "control": args.control}
     if (args.condition or args.batch) and "global" in store.levels():  # the comparison
         todo = list(dict.fromkeys(["global", *todo]))

@@ -500,8 +500,9 @@ class ExplorerWidget(QWidget):
 
         facts = dict(data.adata.uns.get("maeprobe", {}) or {})
         hides = facts.get("normalization_hides") or describe_normalization(
-            str(facts.get("normalization", "percentile"))
-        )
+            str(facts.get("normalization", "percentile")), str(facts.get("normalize_by", "image")),
+            facts.get("normalize_reference"), bool(facts.get("model_standardizes_crops")),
+        )  # fmt: skip
         summary = dict(dict(facts.get("analysis", {}) or {}).get(data.level, {}) or {})
         lines = [f"Normalisation: {hides}."]
         content = summary.get("channel_content")

@@ -115,6 +115,7 @@ class ModelInfo:
     precision: str
     input_size: tuple[int, ...] = ()  # the crop size the model was built for ([Z,] Y, X)
     n_channels: int | None = None  # the channel count the model takes (None: any number)
+    standardizes_crops: bool = False  # the model z-scores each crop channel itself
 
 
 def model_input_size(model) -> tuple[int, ...]:
@@ -241,6 +242,7 @@ class _Runner:
             self.precision,
             model_input_size(m),
             None if getattr(m, "in_chans", None) is None else int(m.in_chans),
+            bool(getattr(m, "standardizes_crops", False)),
         )
 
     def batch_size(self, shape: tuple[int, ...], n: int) -> int:

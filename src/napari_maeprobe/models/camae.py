@@ -226,6 +226,8 @@ class CAMAE(MaeprobeModel):
     """
 
     channel_agnostic = True
+    #: each crop channel is z-scored by its own mean and std inside the model (self_standardize)
+    standardizes_crops = True
 
     def __init__(self, config: CAMAEConfig | None = None, **options) -> None:
         super().__init__()

@@ -119,6 +119,16 @@ TABLE_HELP = {
     "one, e.g. plate and imaging date), or image (one value per image, one image per value)",
 }
 
+#: run facts kept in uns["maeprobe"] that the header does not list (each has its own place on
+#: the page, or is bookkeeping: the job's full parameters, input names, feature names)
+HIDDEN_FACTS = frozenset({
+    "analysis", "signature", "inputs", "feature_names", "evaluation", "units_done",
+    "units_total", "cells_done", "cells_total", "levels", "channel_agnostic",
+})  # fmt: skip
+#: the diagnostics columns the page shows (the whole table is in the store and the h5ad)
+REPORT_COLUMNS = ("column", "role", "effect", "ami", "ami_null", "p_value", "knn_purity",
+                  "purity_gain", "position_r2", "missing", "confounded_with")  # fmt: skip
+
 #: groups of the diagnostics bar chart: (label, colour, columns)
 _GROUPS = (
     ("position in crop", "#e6862a", {"patch_row", "patch_col", "patch_z", "central"}),
@@ -540,7 +550,7 @@ def _facts_rows(
         rows.append(("Crop / patch size", _e(text)))
 
     method, by, ref = take("normalization", "normalize_by", "normalize_reference")
-    used.add("normalization_hides")
+    used.update(("normalization_hides", "model_standardizes_crops"))
     if method is not None:
         text = f"{method}, statistics per {by or 'image'}" + (
             f" from the {ref} images" if ref else ""
@@ -594,7 +604,7 @@ def _facts_rows(
         from napari_maeprobe import __version__ as version
     rows.append(("napari-maeprobe", _e(version)))
     for key, value in facts.items():
-        if key not in used and value is not None:
+        if key not in used and key not in HIDDEN_FACTS and value is not None:
             rows.append((_e(str(key).replace("_", " ")), _e(_fmt(value))))
     return rows
 
@@ -692,7 +702,7 @@ def write_report(
 
     hides = merged.get("normalization_hides") or describe_normalization(
         str(merged.get("normalization", "percentile")), str(merged.get("normalize_by") or "image"),
-        merged.get("normalize_reference"),
+        merged.get("normalize_reference"), bool(merged.get("model_standardizes_crops")),
     )  # fmt: skip
     sections: list[str] = []
     for level in order:
@@ -806,13 +816,14 @@ def _level_section(
                 "a purple bar (marker channel) on top mean technical structure.</figcaption>"
                 "</figure>"
             )
-        notes = [f"<code>{_e(c)}</code>: {_e(t)}" for c, t in TABLE_HELP.items() if c in table]
+        shown = [c for c in REPORT_COLUMNS if c in table.columns] or list(table.columns)
+        notes = [f"<code>{_e(c)}</code>: {_e(t)}" for c, t in TABLE_HELP.items() if c in shown]
         skipped = _get(drv, "skipped")
         if isinstance(skipped, Mapping) and skipped:
             left = "; ".join(f"{_e(c)} ({_e(r)})" for c, r in skipped.items())
             notes.append(f"Columns not tested: {left}")
         help_html = f'<p class="note">{"<br>".join(notes)}</p>' if notes else ""
-        parts.append(f"<div>{_table_html(table, decimals=3)}{help_html}</div></div>")
+        parts.append(f"<div>{_table_html(table[shown], decimals=3)}{help_html}</div></div>")
     else:
         parts.append('<p class="note">No diagnostics for this level.</p>')
 
@@ -875,14 +886,18 @@ def report_store(store, out_dir: Path, progress: Callable[[str], None] | None = 
     verdict, diagnostics, batch-versus-biology comparison and UMAPs, as the demo writes it."""
     from napari_maeprobe.table import read_level
 
-    levels = {lvl: read_level(store, lvl) for lvl in store.levels()}
-    missing = [lvl for lvl, a in levels.items() if "X_umap" not in a.obsm]
-    if missing:
+    analysed = [lvl for lvl in store.levels() if lvl in store.analysed_levels()]
+    if not analysed:
         from napari_maeprobe.errors import MaeprobeInputError
 
         raise MaeprobeInputError(
-            f"{store.path} has no analysis of the {', '.join(missing)} level(s)",
-            f"run `maeprobe analyze {store.path}` first",
+            f"{store.path} has not been analysed", f"run `maeprobe analyze {store.path}` first"
         )
+    levels = {lvl: read_level(store, lvl) for lvl in analysed}
     facts = {"store": str(store.path), "n_images": len(store.image_names())}
+    left = [lvl for lvl in store.levels() if lvl not in analysed]
+    if left:
+        facts["not analysed"] = (
+            f"{', '.join(left)} level(s): maeprobe analyze {store.path} --levels {','.join(left)}"
+        )
     return write_report(out_dir, levels, None, facts, segmentation=None, progress=progress)

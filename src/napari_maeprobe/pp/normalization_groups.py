@@ -125,9 +125,27 @@ def pool_statistics(
     return out, notes
 
 
-def describe_normalization(method: str, by: str = "image", reference: str | None = None) -> str:
+def describe_normalization(
+    method: str,
+    by: str = "image",
+    reference: str | None = None,
+    model_standardizes: bool = False,
+) -> str:
     """One line for the report: how images were normalised and what that hides from the
-    model."""
+    model (``model_standardizes``: the model z-scores every crop channel itself, as CA-MAE
+    does, which removes brightness whatever the normalisation)."""
+    line = _scope_text(method, by, reference)
+    if model_standardizes:
+        line += (
+            "; on top of that the model standardises every crop channel by its own mean and "
+            "standard deviation, so brightness differences between cells do not reach the "
+            "embedding whatever this setting (the intensity/shape baseline and the "
+            "mean_intensity_* columns still see them)"
+        )
+    return line
+
+
+def _scope_text(method: str, by: str, reference: str | None) -> str:
     if method == "none":
         return ("raw intensities (no normalisation): every brightness difference, technical or "
                 "biological, reaches the model")  # fmt: skip

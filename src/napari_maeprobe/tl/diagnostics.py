@@ -674,13 +674,13 @@ def _units(table: pd.DataFrame) -> list[list[int]]:
     return units
 
 
-def _entry(table: pd.DataFrame, unit: list[int], with_role: bool = True) -> str:
+def _entry(table: pd.DataFrame, unit: list[int], with_role: bool = True, digits: int = 2) -> str:
     names = " / ".join(str(table.at[j, "column"]) for j in unit)
     role = _unit_role(table, unit)
     what = [role] if role and with_role else []
     if len(unit) > 1:
         what.append("the same split of the rows")
-    what.append(f"AMI {table.at[unit[0], 'ami']:.2f}")
+    what.append(f"AMI {table.at[unit[0], 'ami']:.{digits}f}")
     return f"{names} ({'; '.join(what)})"
 
 
@@ -709,16 +709,20 @@ def _verdict(table: pd.DataFrame, subject: str, boot: dict | None = None) -> str
     lead = [u for u, c in zip(units, names)
             if c == top or c not in boot or not separable(boot[c], boot[top])]  # fmt: skip
     shown = lead[:3]
+    # a gap beyond noise that rounds away at two decimals is shown at three
+    rest = [float(table.at[u[0], "ami"]) for u in units if u not in lead]
+    last = float(table.at[lead[-1][0], "ami"])
+    digits = 3 if rest and f"{last:.2f}" == f"{rest[0]:.2f}" else 2
     roles = {_unit_role(table, u) for u in shown}
     if len(shown) > 1 and len(roles) == 1 and all(len(u) == 1 for u in shown):
         role = roles.pop()
-        amis = ", ".join(f"{table.at[u[0], 'ami']:.2f}" for u in shown)
+        amis = ", ".join(f"{table.at[u[0], 'ami']:.{digits}f}" for u in shown)
         what = "; ".join(w for w in (role, f"AMI {amis}", "not separable") if w)
         text = " and ".join(str(table.at[u[0], "column"]) for u in shown) + f" ({what})"
     else:
-        text = " and ".join(_entry(table, u) for u in shown)
+        text = " and ".join(_entry(table, u, digits=digits) for u in shown)
         if len(shown) > 1:
-            text += ", not separable"
+            text += " (not separable from each other)"
     if len(lead) > len(shown):
         text += f" (and {len(lead) - len(shown)} more within noise)"
     weak = table.at[units[0][0], "effect"] == "weak"
@@ -730,7 +734,7 @@ def _verdict(table: pd.DataFrame, subject: str, boot: dict | None = None) -> str
         if c in lead_names or c not in boot:
             continue
         if all(m in boot and separable(boot[c], boot[m]) for m in lead_names):
-            line += f" more than {_entry(table, u)}"
+            line += f", more than {_entry(table, u, digits=digits)}"
         break
     return line + _confounded_note(table)
 
