@@ -156,7 +156,7 @@ def _one_line(proc: subprocess.CompletedProcess, *needles: str) -> None:
 
 
 @pytest.mark.parametrize("target", ["missing", "empty", "random"])
-@pytest.mark.parametrize("verb", ["analyze", "export", "evaluate"])
+@pytest.mark.parametrize("verb", ["analyze", "export", "evaluate", "report"])
 def test_read_only_verbs_leave_a_path_that_is_not_a_store_alone(tmp_path, verb, target):
     path = tmp_path / "typo.zarr"
     if target != "missing":

@@ -274,6 +274,17 @@ def test_cli_analyze_with_condition_and_batch(lincs, tmp_path, capsys):
     assert saved["condition_batch"]["conditions"]["lonafarnib"]["grouping"] == (
         "leave one plate out"
     )
+    # the report of one's own store: the verdict, the comparison, what normalisation hides,
+    # and UMAPs coloured by the condition and the batch
+    assert main(["report", str(store), "--out", str(tmp_path / "rep")]) == 0
+    page = (tmp_path / "rep" / "report.html").read_text(encoding="utf-8")
+    assert "Batch versus biology" in page and "lonafarnib vs DMSO across plates" in page
+    assert "image-wide differences" in page and "standardises every crop channel" in page
+    assert saved["verdict"].split(" (")[0] in page
+    assert {"umap_global_compound.png", "umap_global_plate.png"} <= {
+        f.name for f in (tmp_path / "rep").glob("*.png")
+    }
+    assert "wrote" in capsys.readouterr().out
     for argv, name in (
         (["analyze", str(store), "--condition", "drug", "--batch", "plate"], "'drug'"),
         (["analyze", str(store), "--condition", "compound"], "--batch"),

@@ -499,6 +499,8 @@ def cmd_analyze(args) -> int:
             f"UMAP {r['umap']['strategy']} ({r['umap']['fit_rows']} fitted); effective rank "
             f"{r['effective_rank']:.1f}; {r['seconds']:.1f} s\n  {r['verdict']}"
         )
+        if "channel_content" in r:
+            print(f"  {r['channel_content']['line']}")
         if "condition_batch" in r:
             print(f"  {r['condition_batch']['summary']}")
     return 0

@@ -157,7 +157,10 @@ class ExplorerWidget(QWidget):
         bl.addRow("control", self.control_combo)
         bl.addRow("batch", self.batch_combo)
         bl.addRow(self.compare_button)
-        bl.addRow(self.compare_result)
+        result_box = QScrollArea()  # the line and its table scroll, the controls stay put
+        result_box.setWidget(self.compare_result)
+        result_box.setWidgetResizable(True)
+        bl.addRow(result_box)
 
         # export tab
         self.export_format = QComboBox()
@@ -172,7 +175,7 @@ class ExplorerWidget(QWidget):
         el.addRow(self.export_selection_button)
         el.addRow(self.save_plot_button)
 
-        tabs = QTabWidget()
+        self.tabs = tabs = QTabWidget()
         tabs.addTab(diag, "Diagnostics")
         tabs.addTab(bio, "Batch vs biology")
         tabs.addTab(exp, "Export")
@@ -278,7 +281,8 @@ class ExplorerWidget(QWidget):
         """Show an already loaded level (the same as :meth:`load` without the worker)."""
         self.data = data
         self._labels_cache.clear()
-        self.source_label.setText(f"{data.source.name}: {data.level}, {data.n:,} rows")
+        name = data.source.name if data.source is not None else "table"
+        self.source_label.setText(f"{name}: {data.level}, {data.n:,} rows")
         for combo, items in (
             (self.coords, list(data.coords)),
             (self.colour, self._colour_columns(data.obs)),
