@@ -81,9 +81,9 @@ def test_per_image_is_unchanged_and_bad_scopes_are_refused(fields):
 
 def test_embed_records_the_plate_reference_normalisation(lincs, tmp_path):
     """The store's image info holds the statistics applied: one set per plate, from DMSO."""
-    from napari_maeprobe.embed.store import EmbeddingStore
-
     import shutil
+
+    from napari_maeprobe.embed.store import EmbeddingStore
 
     out = tmp_path / "ref.zarr"
     # one DMSO field (A01, r01c01) and one lonafarnib field (P13, r16c13) of each plate
@@ -93,7 +93,8 @@ def test_embed_records_the_plate_reference_normalisation(lincs, tmp_path):
             if f.name.startswith(("r01c01", "r16c13")):
                 shutil.copy(f, tmp_path / "images" / plate / f.name)
     r = maeprobe(
-        "embed", str(tmp_path / "images"), "--metadata", str(lincs / "fov_metadata.csv"), "--levels", "global", "--normalize-by", "plate", "--normalize-reference",
+        "embed", str(tmp_path / "images"), "--metadata", str(lincs / "fov_metadata.csv"),
+        "--levels", "global", "--normalize-by", "plate", "--normalize-reference",
         "compound=DMSO", "--out", str(out),
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
