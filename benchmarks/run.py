@@ -19,6 +19,7 @@ BENCHMARKS = {
     "analysis": "bench_analysis",
     "store": "bench_store",
     "gui": "bench_gui",
+    "truth": "bench_truth",
 }
 
 
