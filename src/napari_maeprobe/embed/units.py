@@ -149,6 +149,11 @@ def _per_channel_columns(families: dict, names: Sequence[str], rows: np.ndarray)
             for c, ch in enumerate(names)}  # fmt: skip
 
 
+def _with_columns(frame: pd.DataFrame, columns: dict) -> pd.DataFrame:
+    """``frame`` with many new columns at once (one concat, not one insert per column)."""
+    return pd.concat([frame, pd.DataFrame(columns, index=frame.index)], axis=1)
+
+
 def _row_channel_columns(families: dict, rows: np.ndarray, channels: np.ndarray) -> dict:
     """The row's own channel of each per-channel family (channel rows), plus channel_empty."""
     return {fam: np.asarray(families[fam])[rows, channels]
@@ -180,7 +185,7 @@ def unit_obs(
     every = np.arange(n)
     out: dict[str, pd.DataFrame] = {}
     if "global" in levels:
-        frame = cells.assign(**_per_channel_columns(families, names, every))
+        frame = _with_columns(cells, _per_channel_columns(families, names, every))
         out["global"] = _with_cell_obs(conform(frame, "global", p.metadata), p.cell_obs)
     if "channel" in levels and info.channel_agnostic:
         per_channel = cells.loc[cells.index.repeat(n_c)].reset_index(drop=True)
@@ -199,7 +204,7 @@ def unit_obs(
             channels = pd.Index(names).get_indexer(table["channel"].astype(str))
             table = table.assign(**_row_channel_columns(families, rows, channels))
         else:
-            table = table.assign(**_per_channel_columns(families, names, rows))
+            table = _with_columns(table, _per_channel_columns(families, names, rows))
         out["patch"] = _with_cell_obs(conform(table, "patch", p.metadata), p.cell_obs)
     return out
 
