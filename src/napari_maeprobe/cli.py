@@ -326,6 +326,13 @@ def _load_inputs(args) -> list:
         for im in read_images(
             inp, axes=args.axes, channel_names=names, channel_pattern=args.channel_pattern
         ):
+            if im.name in origin and origin[im.name] == str(inp):  # one input, two images
+                raise MaeprobeInputError(
+                    f"{inp} gives two images named {im.name!r}: its files were not grouped "
+                    "into images by channel as they should be",
+                    "say which part of the file names is the channel, e.g. --channel-pattern "
+                    "'-(?P<channel>ch\\d+)'",
+                )
             if im.name in origin:
                 raise MaeprobeInputError(
                     f"two images are named {im.name!r} (from {origin[im.name]} and {inp})",
