@@ -257,7 +257,8 @@ def test_condition_column_compared_on_every_row(screen_cells):
     as_values = screen_cells["targets"].astype(str).to_numpy()  # NaN -> "nan"
     assert targets["ami"] == pytest.approx(adjusted_mutual_info_score(labels, as_values))
     assert targets["ami"] == pytest.approx(row(report, "compound")["ami"])
-    assert report.verdict.startswith("clusters follow compound / moa / targets (condition")
+    lead = report.verdict.removeprefix("clusters follow ").split(" (condition")[0]
+    assert sorted(lead.split(" / ")) == ["compound", "moa", "targets"], report.verdict
 
 
 def test_noise_control_on_the_screen_names_nothing(screen_cells):
@@ -330,3 +331,16 @@ def test_cell_id_at_the_channel_level_is_never_a_candidate(screen_cells):
     assert report.skipped["object_number"].startswith("an identifier")
     assert not {"cell_id", "object_number"} & set(report.table["column"])
     assert "cell_id" not in report.verdict and "object_number" not in report.verdict
+
+
+def test_field_effects_are_not_read_as_treatment(screen_cells):
+    """Clusters that follow the field (image) only: compound is fixed per field (two fields per
+    well), so shuffling it over single cells would call the field differences a compound
+    effect; shuffled between whole fields, it is within noise and not named."""
+    X = planted(screen_cells, screen_cells["image"].astype(str).to_numpy(), 8)
+    report = what_drives(X, screen_cells, kmeans(X, 16), condition="compound", batch="plate")
+    compound = row(report, "compound")
+    assert compound["null_unit"] == "image" and compound["effect"] == "none"
+    assert compound["ami"] > 0.05  # what a per-cell shuffle would have called an effect
+    assert row(report, "image")["effect"] != "none"
+    assert "compound" not in report.verdict.split(";")[0], report.verdict

@@ -162,16 +162,26 @@ def column_role(name: str, condition: str | None = None, batch: str | None = Non
     col = schema_column(name)
     if col is not None:
         return col.role
-    low = str(name).lower()
-    if any(word in low for word in BATCH_NAMES):
+    words = _words(name)
+    if words & set(BATCH_NAMES):
         return "batch"
-    if any(word in low for word in CONDITION_NAMES):
+    if words & set(CONDITION_NAMES):
         return "condition"
     return "metadata"
 
 
+def _words(name: str) -> set[str]:
+    """The words of a column name: split on _ - . spaces and camelCase, lower case
+    (``Metadata_Plate`` -> {metadata, plate}; ``candidate_score`` has no word ``date``)."""
+    import re
+
+    spaced = re.sub(r"(?<=[a-z0-9])(?=[A-Z])", " ", str(name))
+    words = {w.lower() for w in re.split(r"[\s_\-.]+", spaced) if w}
+    return words | {w.rstrip("s") for w in words}  # plates, compounds, targets
+
+
 #: integer user columns with these names (or name endings) are identifiers, never groups
-IDENTIFIER_SUFFIXES = ("_id", "id", "_index", "_number", "objectnumber", "_label")
+IDENTIFIER_SUFFIXES = ("_id", "id", "_index", "objectnumber", "object_number", "_label")
 IDENTIFIER_NAMES = frozenset({"label", "labels", "object", "index", "cell", "nucleus"})
 #: an integer column with at most this many values is categorical (else continuous)
 MAX_INT_LEVELS = 32

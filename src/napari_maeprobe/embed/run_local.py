@@ -149,10 +149,15 @@ def run_embedding(
             )
         if skipped:
             say(f"{len(skipped)} of {len(images)} image(s) skipped")
-        if job.exclude_border:  # said once per run
-            n_out = sum(p.excluded_border for p in planned)
-            n_all = n_out + sum(len(p.cell_ids) for p in planned)
-            say(f"border cells excluded: {n_out:,} of {n_all:,} cells touch the image border")
+        if job.exclude_border:  # said once per run, of the segmented cells it applies to
+            cells = [p for p in planned if p.labels is not None]
+            n_out = sum(p.excluded_border for p in cells)
+            n_all = n_out + sum(len(p.cell_ids) for p in cells)
+            if cells:
+                say(f"border cells excluded: {n_out:,} of {n_all:,} cells touch the image border")
+            if len(cells) < len(planned):
+                say("border exclusion applies to segmented cells only: tiles and crop stacks "
+                    "are kept whole")  # fmt: skip
         report(progress, len(images), len(images), "segmenting")
         share_statistics(planned, job, crop_size, tuple(info.patch_size))
         store.set_images([p.info() for p in planned])

@@ -86,7 +86,10 @@ def measure_cells(
             out[f"intensity_{stat}_{ch}"] = table[f"_quantiles-{q}-{c}"]
     lo = np.stack([table[f"bbox-{k}"] for k in range(nd)], axis=1)
     hi = np.stack([table[f"bbox-{k + nd}"] for k in range(nd)], axis=1)
-    border = (lo <= 0).any(axis=1) | (hi >= np.asarray(labels.shape)).any(axis=1)
+    # the image border is its sides in y and x (as CellProfiler): in a z-stack most cells
+    # reach the first or last plane, which cuts nothing off in the plane of the image
+    yx = slice(nd - 2, nd)
+    border = (lo[:, yx] <= 0).any(axis=1) | (hi[:, yx] >= np.asarray(labels.shape)[yx]).any(axis=1)
     frame = pd.DataFrame(out, index=pd.Index(np.asarray(table["label"], dtype=np.int64),
                                              name="cell_id"))  # fmt: skip
     frame = frame[baseline_features(names, nd)].astype(np.float64)

@@ -70,9 +70,10 @@ TABLE_COLUMNS = (
     "purity_z",
     "position_r2",
     "confounded_with",
+    "null_unit",
 )
 #: table columns by type (h5ad keeps str / int / float columns as they are)
-TEXT_COLUMNS = ("column", "kind", "role", "effect", "confounded_with")
+TEXT_COLUMNS = ("column", "kind", "role", "effect", "confounded_with", "null_unit")
 INT_COLUMNS = ("n_values", "n_rows", "tier")
 #: the column a metadata column can be perfectly confounded with (one value per image and one
 #: image per value): the clusters cannot tell such a column from the field it was imaged in
@@ -309,9 +310,11 @@ class _LabelNull:
     def _chunk(self, K: int, total: int) -> int:
         return max(1, min(total, (1 << 22) // max(1, self.R * K)))
 
-    def ami_parts(self, codes: np.ndarray) -> dict:
+    def ami_parts(self, codes: np.ndarray, shuffled: np.ndarray | None = None) -> dict:
         """AMI (sklearn's arithmetic normalisation, with its expected MI), the strength (the
-        same adjusted MI over the smaller entropy) and the null MI of each permutation."""
+        same adjusted MI over the smaller entropy) and the null MI of each permutation
+        (``shuffled``: the column's values shuffled by whole blocks, one row per draw, instead
+        of the shared row permutations; see :func:`block_shuffles`)."""
         from sklearn.metrics.cluster._expected_mutual_info_fast import (
             expected_mutual_information,
         )
@@ -328,6 +331,15 @@ class _LabelNull:
             return np.maximum(xlogx_ij / n + const, 0.0)
 
         mi = float(mi_of(_xlogx(table.astype(np.float64))))
+        if shuffled is not None:  # block shuffles change the column's marginal: its own
+            null = np.array([
+                max(np.log(n) + (_xlogx(np.bincount(self.labels * K + c, minlength=R * K)
+                                        .astype(np.float64))
+                                 - _xlogx(self.a) - _xlogx(np.bincount(c, minlength=K)
+                                                           .astype(np.float64))) / n, 0.0)
+                for c in shuffled
+            ])  # fmt: skip
+            return {"mi": mi, "emi": emi, "h_col": h_col, "null_mi": null, "K": K}
         null = np.empty(len(self.perms))
         lab_k = self.labels * K
         step = self._chunk(K, len(self.perms))
@@ -378,6 +390,31 @@ def same_partition(a: np.ndarray, b: np.ndarray) -> bool:
     if n_a != n_b:
         return False
     return len(np.unique(a * (int(b.max()) + 1) + b)) == n_a
+
+
+def block_shuffles(
+    obs: pd.DataFrame, codes: np.ndarray, n: int, rng: np.random.Generator
+) -> tuple[np.ndarray | None, str]:
+    """The null draws of a column that is constant within a block of rows: its values
+    shuffled between whole images (a column such as plate or compound, fixed per field) or
+    between whole cells (a cell's covariate repeated on its channel or patch rows). Cells of
+    one field are not independent, so shuffling such a column over single rows would call
+    any field-to-field difference an effect of the column. Returns (draws, block name), or
+    (None, "") for a column that varies within cells (rows are then the units)."""
+    for block in (["image"], ["image", "cell_id"]):
+        if not set(block) <= set(obs.columns):
+            continue
+        key = pd.factorize(pd.MultiIndex.from_frame(obs[block].astype(str)))[0]
+        n_blocks = int(key.max()) + 1
+        if n_blocks >= len(codes) or n_blocks < 2:
+            continue
+        first = np.full(n_blocks, -1, dtype=np.int64)
+        first[key[::-1]] = codes[::-1]  # one value per block (the first row's)
+        if not np.array_equal(first[key], codes):
+            continue  # varies within a block
+        draws = np.stack([rng.permutation(first)[key] for _ in range(max(1, n))])
+        return draws, "image" if block == ["image"] else "cell"
+    return None, ""
 
 
 # --------------------------------------------------------------------------- roles
@@ -537,6 +574,8 @@ def what_drives(
         report(progress, i + 1, len(columns) + 2, f"what drives: {col_name}")
         col = sub[col_name]
         kind = column_kind_of(col_name, col)
+        if col_name in (condition, batch) and kind == "identifier":
+            kind = "categorical"  # the user named it a treatment or batch (plate_id: 1, 2, ..)
         reason = _skip_reason(col_name, obs[col_name], kind, labels_col)
         if reason is None and column_role(col_name, condition, batch) == "identity":
             reason = "an identifier (it names things, it does not group them)"
@@ -548,12 +587,16 @@ def what_drives(
             skipped[col_name] = reason
             continue
         valid = raw >= 0
-        est = shared.ami_parts(codes)
+        blocks, unit = (
+            (None, "") if col_name == "image" else block_shuffles(sub, codes, n_permutations, rng)
+        )
+        est = shared.ami_parts(codes, blocks)
         ami = float(shared.adjusted(est["mi"], est["emi"], est["h_col"]))
         null = shared.adjusted(est["null_mi"], est["emi"], est["h_col"])
         purity = knn_purity(codes, neighbors)
-        base = np.array([knn_purity(codes[p], neighbors)
-                         for p in shared.perms[:PURITY_PERMUTATIONS]])  # fmt: skip
+        draws = (blocks[:PURITY_PERMUTATIONS] if blocks is not None
+                 else [codes[p] for p in shared.perms[:PURITY_PERMUTATIONS]])  # fmt: skip
+        base = np.array([knn_purity(d, neighbors) for d in draws])
         baseline = float(base.mean())
         sd = float(base.std(ddof=1)) if len(base) > 1 else float("nan")
         r2 = float("nan")
@@ -583,6 +626,7 @@ def what_drives(
                 "purity_z": (purity - baseline) / sd if sd > 0 else float("nan"),
                 "position_r2": r2,
                 "confounded_with": confounded_with(obs, col_name) or "",
+                "null_unit": unit or "row",
             }
         )
     report(progress, len(columns) + 1, len(columns) + 2, "what drives: noise and ties")
@@ -725,7 +769,7 @@ def _verdict(table: pd.DataFrame, subject: str, boot: dict | None = None) -> str
             text += " (not separable from each other)"
     if len(lead) > len(shown):
         text += f" (and {len(lead) - len(shown)} more within noise)"
-    weak = table.at[units[0][0], "effect"] == "weak"
+    weak = all(table.at[u[0], "effect"] == "weak" for u in shown)  # "weakly" only if all are
     verb = "follows" if subject == "the selection" else "follow"
     line = f"{subject} {'weakly ' if weak else ''}{verb} {text}"
     lead_names = {str(table.at[u[0], "column"]) for u in lead}
