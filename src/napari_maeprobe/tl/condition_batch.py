@@ -111,7 +111,7 @@ def _pipelines(n_features: int, n_train: int, n_neighbors: int, seed: int) -> di
 def _score_noise(scores: list[float], counts: np.ndarray) -> float:
     """The larger of the spread over folds and the sampling error of a balanced accuracy (the
     mean of per-class recalls; each recall's variance at most 1/(4 n))."""
-    spread = float(np.std(scores)) if len(scores) > 1 else 0.0
+    spread = float(np.std(scores, ddof=1)) if len(scores) > 1 else 0.0  # 2 folds: |a-b|/sqrt2
     counts = np.asarray(counts, dtype=float)
     sampling = float(np.sqrt(np.sum(0.25 / np.maximum(counts, 1))) / max(len(counts), 1))
     return max(spread, sampling)
@@ -142,7 +142,7 @@ def _summarise(scores: dict, y: np.ndarray) -> dict:
     res = {}
     for name, s in scores.items():
         res[name] = float(np.mean(s)) if s else float("nan")
-        res[f"{name}_spread"] = float(np.std(s)) if len(s) > 1 else 0.0
+        res[f"{name}_spread"] = float(np.std(s, ddof=1)) if len(s) > 1 else 0.0
         res[f"{name}_folds"] = [float(v) for v in s]
         res[f"{name}_noise"] = _score_noise(s, counts)
     best = max(("knn", "linear"), key=lambda k: -1 if np.isnan(res[k]) else res[k])
@@ -479,6 +479,11 @@ def summary_line(result: dict) -> str:
     elif "skipped" in b:
         parts.append(f"{batch}: {b['skipped']}")
     line = "; ".join(parts)
+    folds = [int(e["folds"]) for e in scored.values()
+             if e.get("folds") and str(e.get("grouping", "")).startswith("leave one")]  # fmt: skip
+    if folds and min(folds) < 3:  # cells of one well or field are not independent samples
+        line += (f" (only {min(folds)} {batch}s to hold out: the noise counts cells, which "
+                 "are not independent within a well, so read these as indications)")  # fmt: skip
     if result.get("features") is None:
         line += f" ({NO_FEATURES})"
     return line
