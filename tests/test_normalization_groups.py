@@ -73,6 +73,12 @@ def test_per_image_is_unchanged_and_bad_scopes_are_refused(fields):
                         reference="compound=staurosporine")  # fmt: skip
     with pytest.raises(MaeprobeInputError, match="needs images to share statistics"):
         pool_statistics(stats, meta, ["d"] * len(fields), names, reference="compound=DMSO")
+    # a numeric reference matches however the table wrote the number (0 and 0.0)
+    dose, _ = pool_statistics(stats, meta, ["d"] * len(fields), names, by="plate",
+                              reference="mmoles_per_liter=0")  # fmt: skip
+    ref, _ = pool_statistics(stats, meta, ["d"] * len(fields), names, by="plate",
+                             reference="compound=DMSO")  # fmt: skip
+    assert all(np.array_equal(a, b) for a, b in zip(dose, ref))  # DMSO is the 0.0 dose here
     assert "removed before the model sees them" in describe_normalization("percentile")
     assert "differences from DMSO are kept" in describe_normalization(
         "percentile", "plate", "compound=DMSO"

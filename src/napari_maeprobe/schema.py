@@ -103,10 +103,12 @@ COLUMNS: tuple[Column, ...] = (
            "the cell's mean intensity in raw units, before normalisation", False,
            role="intensity", per_channel=True),
     Column("norm_low", "float64", "continuous",
-           "the lower normalisation statistic applied to the image's channel (raw units)", False,
+           "the lower statistic the image's channel was scaled with, raw units (percentile: "
+           "the 1st percentile; zscore: the mean)", False,
            role="intensity", per_channel=True),
     Column("norm_high", "float64", "continuous",
-           "the upper normalisation statistic applied to the image's channel (raw units)", False,
+           "the upper statistic the image's channel was scaled with, raw units (percentile: "
+           "the 99.8th percentile; zscore: the standard deviation)", False,
            role="intensity", per_channel=True),
     Column("channel_empty", "boolean", "flag",
            "the row's channel is blank in the cell's crop (no signal after normalisation)",

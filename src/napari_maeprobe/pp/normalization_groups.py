@@ -109,7 +109,7 @@ def pool_statistics(
         refs = members
         if ref is not None:
             column, value = ref
-            refs = [i for i in members if str(metadata[i].get(column)) == value]
+            refs = [i for i in members if _same_value(metadata[i].get(column), value)]
             if not refs:
                 raise MaeprobeInputError(
                     f"{by} {g} has no image with {column}={value} to take its normalisation "
@@ -173,3 +173,14 @@ def _scope_text(method: str, by: str, reference: str | None) -> str:
         f"the images of each {by} scaled by the same {stat}: differences between images of "
         f"one {by} are kept, differences between {by}s are removed"
     )
+
+
+def _same_value(held: object, wanted: str) -> bool:
+    """A metadata value equals the reference value as text, or as numbers (``0`` and
+    ``0.0`` are one dose)."""
+    if str(held) == wanted:
+        return True
+    try:
+        return float(str(held)) == float(wanted)
+    except ValueError:
+        return False
