@@ -18,6 +18,15 @@ COLORMAPS = (
     "bop purple",
 )
 
+#: ``layer.metadata[OVERLAY_KEY]`` is True on the layers the explorer draws (selected patches,
+#: outlines, attention): they are views of the embedding, never input channels or cells.
+OVERLAY_KEY = "maeprobe_overlay"
+
+
+def is_overlay(layer) -> bool:
+    """Whether a napari layer is one of this plugin's own overlays (not user data)."""
+    return bool(getattr(layer, "metadata", {}).get(OVERLAY_KEY, False))
+
 
 def _contrast_limits(plane) -> tuple[float, float]:
     """Robust display range from a subsample of the channel (avoids napari reading it all)."""
