@@ -107,14 +107,33 @@ def test_colour_by_categorical_and_continuous_legends(canvas, real):
     canvas.colour_by("leiden")
     tab10 = colors.categorical_palette(8)
     assert canvas.colour_kind == "categorical"
-    assert [lab for lab, _ in canvas.legend()] == [str(i) for i in range(8)] + ["NA"]
-    np.testing.assert_allclose([c for _, c in canvas.legend()[:8]], tab10)
-    assert canvas.legend()[-1][1] == colors.NA_RGBA
-    assert legend_widget.labels() == [str(i) for i in range(8)] + ["NA"]
+    # the legend lists what is drawn: the NA rows of leiden all lack coordinates
+    assert [lab for lab, _ in canvas.legend()] == [str(i) for i in range(8)]
+    np.testing.assert_allclose([c for _, c in canvas.legend()], tab10)
+    assert legend_widget.labels() == [str(i) for i in range(8)]
+    finite = np.isfinite(xy).all(axis=1)
+    counts = [int((finite & (obs["leiden"] == str(i))).sum()) for i in range(8)]
+    np.testing.assert_array_equal(canvas.legend_counts(), counts)
+    assert legend_widget.texts() == [f"{i} ({n:,})" for i, n in enumerate(counts)]
     rgba = canvas.colours()
     np.testing.assert_allclose(rgba[~np.isfinite(xy[:, 0])], [colors.NA_RGBA] * 444)
     row = int(np.flatnonzero(obs["leiden"] == "5")[0])
     np.testing.assert_allclose(rgba[row], tab10[5])
+    # the counts follow the filters (the widget follows the canvas)
+    fg = obs["foreground"].to_numpy(bool)
+    canvas.set_visible(fg)
+    counts_fg = [int((fg & finite & (obs["leiden"] == str(i))).sum()) for i in range(8)]
+    assert legend_widget.texts() == [f"{i} ({n:,})" for i, n in enumerate(counts_fg)]
+    assert canvas.legend_info().n_shown == (fg & finite).sum()
+    canvas.set_visible(None)
+    # NA drawn: listed last, in the NA grey, with its count
+    with_na = obs.copy()
+    with_na.loc[np.flatnonzero(finite)[:7], "leiden"] = None
+    canvas.set_data(xy, with_na)
+    info = canvas.legend_info()
+    assert info.entries[-1] == ("NA", colors.NA_RGBA, 7)
+    assert legend_widget.texts()[-1] == "NA (7)"
+    canvas.set_data(xy, obs)
 
     # patch row is ordinal (the schema says so): stepped viridis, one step per row, the same
     # colours as the report's; cell_id is an identifier, coloured as categories
@@ -132,18 +151,96 @@ def test_colour_by_categorical_and_continuous_legends(canvas, real):
     assert (lab_lo, lab_hi) == (f"{lo:.3g}", f"{hi:.3g}")
     np.testing.assert_allclose(c_lo, colors.viridis_lut()[0])
     np.testing.assert_allclose(c_hi, colors.viridis_lut()[-1])
-    assert legend_widget.labels() == [lab_lo, lab_hi]
+    # a colour bar, not swatches: its ends are the clipping percentiles
+    info = canvas.legend_info()
+    assert info.kind == "continuous" and info.entries == []
+    np.testing.assert_allclose(info.range, (lo, hi), rtol=1e-5)
+    assert legend_widget.colour_bar.isVisibleTo(legend_widget)
+    assert legend_widget.colour_bar.tick_labels()[::2] == (lab_lo, lab_hi)
+    assert legend_widget.labels() == [lab_lo, lab_hi] and legend_widget.texts() == []
 
-    # bool and strings are categorical; 40 string categories: distinct colours, "+10 more"
+    # bool and strings are categorical; 40 string categories: distinct colours, all listed
     canvas.colour_by("foreground")
     assert [lab for lab, _ in canvas.legend()] == ["False", "True"]
+    assert not legend_widget.colour_bar.isVisibleTo(legend_widget)
     canvas.colour_by("cell")
     cols = np.array([c for _, c in canvas.legend()])
     assert len(cols) == 40 and len(np.unique(cols.round(4), axis=0)) == 40
     np.testing.assert_allclose(cols[:20], colors.categorical_palette(20))
-    assert legend_widget.labels()[-1] == "+10 more" and len(legend_widget.labels()) == 31
+    assert len(legend_widget.labels()) == 40
+    assert sum(int(t.rsplit("(", 1)[1].rstrip(")").replace(",", ""))
+               for t in legend_widget.texts()) == finite.sum()  # fmt: skip
     canvas.colour_by(None)
     assert canvas.legend() == [] and legend_widget.labels() == []
+    # the explorer's old way still works: entries by hand
+    legend_widget.set_entries([("a", (1.0, 0.0, 0.0, 1.0)), ("b", (0.0, 0.0, 1.0, 1.0), 3)])
+    assert legend_widget.texts() == ["a", "b (3)"]
+
+
+@pytest.mark.parametrize("stored", ["Int64", "category", "str-category"])
+def test_ordinal_columns_get_stepped_colours_however_stored(canvas, real, stored):
+    xy, obs = real
+    obs = obs.copy()
+    z = pd.Series(np.arange(len(obs)) % 5, dtype="Int64")
+    for col, v in (("patch_row", obs["patch_row"]), ("patch_col", obs["patch_row"]),
+                   ("patch_z", z), ("z", z)):  # fmt: skip
+        v = pd.Series(v).astype("Int64")
+        if stored == "category":
+            v = v.astype("category")
+        elif stored == "str-category":
+            v = v.astype("string").astype("category")
+        obs[col] = v.array
+    canvas.set_data(xy, obs)
+    for col, steps in (("patch_row", 12), ("patch_col", 12), ("patch_z", 5), ("z", 5)):
+        canvas.colour_by(col)
+        assert canvas.colour_kind == "ordinal", (col, stored)
+        labels = [lab for lab, _ in canvas.legend()]
+        assert labels == [str(i) for i in range(steps)]  # low to high, not "0, 1, 10, 11, 2"
+        np.testing.assert_allclose(
+            [c for _, c in canvas.legend()], colors.ordinal_colors(steps), atol=1e-6
+        )
+        row = int(np.flatnonzero(np.isfinite(xy).all(axis=1))[3])
+        value = int(str(obs[col].iloc[row]))
+        np.testing.assert_allclose(canvas.colours([row])[0], colors.ordinal_colors(steps)[value])
+
+
+def _blend(rgba, alpha: float) -> np.ndarray:
+    """A colour drawn with ``alpha`` over the white background, 0-255."""
+    rgb = np.asarray(rgba[:3], float)
+    return 255 * (rgb * alpha + (1 - alpha))
+
+
+@pytest.mark.parametrize("mode", ["markers", "raster"])
+def test_unselected_points_are_dimmed_while_a_selection_exists(canvas, real, mode):
+    xy, _ = real
+    canvas.set_render_mode(mode)
+    canvas.set_point_size(6)
+    canvas.set_opacity(0.8)
+    canvas.colour_by("leiden")
+    rows = canvas.visible_rows()
+    row = _isolated_row(xy, rows)
+    other = _isolated_row(xy, rows[rows != row])
+
+    def pixel(r):
+        img = canvas._canvas.render()
+        x, y = np.round(canvas.data_to_canvas(xy[r])).astype(int)
+        return img[y, x, :3].astype(float)
+
+    colour = canvas.colours([row])[0]
+    np.testing.assert_allclose(pixel(row), _blend(colour, 0.8), atol=4)
+    canvas.select([other])
+    np.testing.assert_allclose(pixel(row), _blend(colour, 0.8 * scatter_mod.DIM), atol=4)
+    np.testing.assert_allclose(pixel(other), 255 * canvas.colours([other])[0][:3], atol=4)
+    canvas.select([])
+    np.testing.assert_allclose(pixel(row), _blend(colour, 0.8), atol=4)
+    # the highlight: a white ring outlined in black around the point's own colour
+    canvas.highlight([row])
+    img = canvas._canvas.render()
+    x, y = np.round(canvas.data_to_canvas(xy[row])).astype(int)
+    line = img[y, x - 14 : x + 1, :3].astype(int)
+    assert (line.max(axis=1) < 80).any()  # black outline
+    assert (line.min(axis=1) > 225).any()  # white ring
+    np.testing.assert_allclose(line[-1], 255 * colour[:3], atol=4)
 
 
 def test_lasso_selects_exactly_the_points_inside(canvas, real, qtbot):
@@ -326,27 +423,59 @@ def test_export_png_and_svg(canvas, real, tmp_path, monkeypatch):
     from matplotlib.image import imread
 
     canvas.colour_by("leiden")
-    canvas.rect_select(-1e3, -1e3, 0, 1e3)
+    canvas.set_labels("patch level", "UMAP")
+    sel = canvas.rect_select(-1e3, -1e3, 0, 1e3)
     canvas.highlight([10, 20])
+    title = canvas.figure_title()
+    n_visible = len(canvas.visible_rows())
+    assert title == (f"patch level, coloured by leiden, {n_visible:,} points, "
+                     f"{len(sel):,} selected (highlighted, the rest dimmed)")  # fmt: skip
     png = canvas.export_image(tmp_path / "scatter.png")
     assert png.read_bytes()[:8] == PNG
     img = imread(png)
-    assert img.shape[:2] == tuple(canvas._canvas.physical_size[::-1])
+    h, w = img.shape[:2]
+    assert 1000 < w < 3000 and 900 < h < 2500  # 200 dpi, the view plus axes and legend
     assert len(np.unique(img.reshape(-1, img.shape[-1]), axis=0)) > 10
 
     svg = canvas.export_image(tmp_path / "scatter.svg")
-    root = ET.parse(svg).getroot()
+    text = svg.read_text()
+    root = ET.fromstring(text)
     ns = "{http://www.w3.org/2000/svg}"
-    n_visible = len(canvas.visible_rows())
+    texts = ["".join(t.itertext()) for t in root.iter(f"{ns}text")]
+    assert "UMAP 1" in texts and "UMAP 2" in texts and title in texts
+    counts = canvas.legend_counts()
+    for (label, _), n in zip(canvas.legend(), counts, strict=True):
+        assert f"{label} ({n:,})" in texts
+    assert "leiden (points shown)" in texts
     uses = root.iter(f"{ns}use")
     assert sum(1 for _ in uses) >= n_visible  # one vector marker per point
     assert not list(root.iter(f"{ns}image"))
+
+    # a continuous column: a colour bar named after the column, no swatches
+    canvas.colour_by("dna")
+    root = ET.parse(canvas.export_image(tmp_path / "dna.svg")).getroot()
+    texts = ["".join(t.itertext()) for t in root.iter(f"{ns}text")]
+    assert "dna" in texts and "(1st-99th percentile)" in texts  # the bar's label, two lines
+    assert not any(t.endswith(")") and t.split(" (")[0].isdigit() for t in texts)
 
     monkeypatch.setattr(scatter_mod, "SVG_VECTOR_MAX", 1000)
     root = ET.parse(canvas.export_image(tmp_path / "big.svg")).getroot()
     assert list(root.iter(f"{ns}image"))  # points embedded as a PNG
     with pytest.raises(ValueError):
         canvas.export_image(tmp_path / "scatter.jpg")
+
+
+def test_export_lists_hundreds_of_categories(canvas, real, tmp_path):
+    xy, obs = real
+    obs = obs.assign(image=pd.Categorical([f"img{i % 300:03d}" for i in range(len(obs))]))
+    canvas.set_data(xy, obs)
+    canvas.colour_by("image")
+    legend = LegendWidget(canvas)
+    assert len(legend.labels()) == 300  # every category, in a scrolling list
+    root = ET.parse(canvas.export_image(tmp_path / "images.svg")).getroot()
+    ns = "{http://www.w3.org/2000/svg}"
+    texts = {"".join(t.itertext()) for t in root.iter(f"{ns}text")}
+    assert {t for t in legend.texts()} <= texts
 
 
 def test_raster_primitives_match_brute_force():

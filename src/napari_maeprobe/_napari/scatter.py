@@ -1,8 +1,10 @@
 """The explorer's scatter canvas: a vispy ``SceneCanvas`` for 100k to several million points.
 
 ``ScatterCanvas`` draws a 2-D embedding (UMAP/PCA) with a vispy ``Markers`` visual on the GPU.
-Three visuals are layered: all visible points, the selected points (full opacity, dark edge,
-on top of the dimmed rest) and the highlighted points (larger, magenta edge, on top of all).
+Four visuals are layered: all visible points, the selected points (full opacity, dark edge,
+on top of the rest, which is dimmed to ``DIM`` of its opacity while a selection exists) and
+the highlighted points (larger, a white ring outlined in black, on top of all; no palette
+colour is white or black, see :mod:`napari_maeprobe.pl.colors`).
 Updates touch only what changed: a recolour rewrites the colour field of a preallocated
 float32 vertex buffer; selection and highlight rebuild only their small overlay buffers.
 
@@ -14,6 +16,11 @@ on top, a disc dilation for the point size) and shown as one texture, re-rasteri
 zoom. ``set_render_mode`` forces either path. Selection, picking and lasso never depend on the
 drawing path: they run on the float32 coordinates (bounding-box prefilter, matplotlib ``Path``,
 and a ``cKDTree`` that ``set_data`` builds in a background thread once the data is drawn).
+
+``LegendWidget(canvas)`` follows a canvas: every category with its colour and its count of
+shown points (scrollable), or a colour bar for continuous columns. ``export_image`` writes a
+matplotlib figure (PNG or SVG) with axes, a title (:meth:`ScatterCanvas.set_labels`) and the
+legend or colour bar.
 """
 
 from __future__ import annotations
@@ -21,13 +28,15 @@ from __future__ import annotations
 import math
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from qtpy import API_NAME
-from qtpy.QtCore import Qt, QTimer, Signal
-from qtpy.QtWidgets import QHBoxLayout, QLabel, QVBoxLayout, QWidget
+from qtpy.QtCore import QRectF, QSize, Qt, QTimer, Signal
+from qtpy.QtGui import QColor, QIcon, QImage, QPainter, QPixmap
+from qtpy.QtWidgets import QLabel, QListWidget, QListWidgetItem, QSizePolicy, QVBoxLayout, QWidget
 from vispy import scene
 from vispy.scene.cameras import PanZoomCamera
 from vispy.util import keys
@@ -35,9 +44,14 @@ from vispy.visuals import MarkersVisual
 from vispy.visuals.transforms import STTransform
 
 from napari_maeprobe.pl.colors import (
+    HIGHLIGHT_OUTLINE_RGBA,
+    HIGHLIGHT_RGBA,
+    MAX_DISTINCT,
     NA_RGBA,
+    SELECTED_EDGE_RGBA,
     categorical_palette,
     color_kind,
+    numeric_values,
     ordinal_colors,
     viridis_lut,
 )
@@ -45,12 +59,16 @@ from napari_maeprobe.pl.colors import (
 TOOLS = ("pan", "lasso", "rect")
 RENDER_MODES = ("auto", "markers", "raster")
 DEFAULT_RGBA = (0.27, 0.51, 0.71, 1.0)
-SELECTED_EDGE = (0.05, 0.05, 0.05, 1.0)
-HIGHLIGHT_EDGE = (1.0, 0.0, 1.0, 1.0)
+SELECTED_EDGE = SELECTED_EDGE_RGBA
+HIGHLIGHT_EDGE = HIGHLIGHT_RGBA  # the ring of highlighted points (white) ...
+HIGHLIGHT_OUTLINE = HIGHLIGHT_OUTLINE_RGBA  # ... outlined in black
 OUTLINE_RGBA = (0.85, 0.1, 0.3, 1.0)
 DIM = 0.25  # alpha factor of unselected points while a selection exists
 RASTER_AUTO_MIN = 50_000
 SVG_VECTOR_MAX = 200_000
+FIGURE_RASTER_MIN = 50_000  # a saved PNG splats this many points or more as one image
+MAX_FIGURE_LEGEND = 600  # a saved figure's legend lists at most this many entries
+LEGEND_ROWS = 30  # rows per column of a saved figure's legend
 CLICK_TOLERANCE_PX = 3.0
 PICK_RADIUS_PX = 5.0
 SOFTWARE_GL = ("llvmpipe", "softpipe", "swrast", "swiftshader", "lavapipe", "software")
@@ -109,6 +127,13 @@ def _codes(s: pd.Series) -> tuple[np.ndarray, list]:
     except TypeError:  # mixed, unorderable objects
         codes, uniques = pd.factorize(s, sort=False)
     return codes.astype(np.int32), list(uniques)
+
+
+def _short(label: str, n: int = 28) -> str:
+    """A label cut to ``n`` characters, with matplotlib's mathtext ``$`` escaped."""
+    label = str(label)
+    label = label if len(label) <= n else label[: n - 1] + "\u2026"
+    return label.replace("$", r"\$")
 
 
 def _pack(rgba, alpha: float = 1.0) -> np.ndarray:
@@ -185,8 +210,26 @@ def _marker_buffer(
     return buf
 
 
+# vispy's flat (non-spherical) markers ignore ``alpha`` (only its spherical lighting applies
+# ``u_alpha``): these flat lighting functions apply it, so opacity and dimming cost one uniform
+_FLAT_ALPHA_LIGHTING = """
+vec4 apply_lighting(vec2 pointcoord, vec4 color) {
+    return vec4(color.rgb, color.a * u_alpha);
+}
+
+void write_depth(vec2 pointcoord) {
+}
+"""
+
+
 class _Points(scene.visuals.Markers):
-    """A Markers visual fed with a prebuilt float32 buffer (no per-call colour parsing)."""
+    """A Markers visual fed with a prebuilt float32 buffer (no per-call colour parsing) whose
+    ``alpha`` multiplies every point's opacity."""
+
+    def _setup_lighting_functions(self, spherical):
+        if spherical:  # pragma: no cover - never used here
+            return super()._setup_lighting_functions(spherical)
+        self.shared_program.frag["lighting_functions"] = _FLAT_ALPHA_LIGHTING
 
     def __init__(self, parent, order: int):
         super().__init__(parent=parent, scaling="fixed", antialias=1.0)
@@ -250,12 +293,35 @@ class _Camera(PanZoomCamera):
 # --------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class LegendInfo:
+    """What a scatter's colours mean (:meth:`ScatterCanvas.legend_info`).
+
+    ``column``/``kind``: the colour column and its colour kind (``None``: one colour).
+    ``entries``: ``(label, rgba, count)`` per category or ordinal step (low to high) that has a
+    drawn point, then ``"NA"`` in the NA grey; for continuous columns only ``"NA"`` (if any).
+    ``count`` is the number of points shown now (after filters), of ``n_shown`` of ``n_total``.
+    ``range``: continuous columns, the (1st, 99th) percentiles the colour scale spans (values
+    beyond are drawn with the end colours); ``lut``: its 256 RGBA rows, low to high.
+    """
+
+    column: str | None
+    kind: str | None
+    entries: list[tuple[str, tuple[float, float, float, float], int]]
+    n_shown: int
+    n_total: int
+    range: tuple[float, float] | None = None
+    lut: np.ndarray | None = None
+
+
 class ScatterCanvas(QWidget):
     """Scatter plot of an embedding with colouring, filtering, selection tools and highlight."""
 
     selection_changed = Signal(object)  # sorted int64 row indices
     point_clicked = Signal(int)
-    legend_changed = Signal(object)  # list of (label, rgba)
+    #: ``legend()`` (list of (label, rgba)); emitted on new data, a new colour column and
+    #: new filters (the counts of ``legend_info()`` change); read ``legend_info()`` for more
+    legend_changed = Signal(object)
 
     def __init__(self, parent: QWidget | None = None):
         super().__init__(parent)
@@ -279,11 +345,12 @@ class ScatterCanvas(QWidget):
         self._image.visible = False
         self._base = _Points(self._view.scene, 0)
         self._sel_pts = _Points(self._view.scene, 1)
-        self._hl_pts = _Points(self._view.scene, 2)
+        self._hl_ring = _Points(self._view.scene, 2)  # the black outline behind the highlight
+        self._hl_pts = _Points(self._view.scene, 3)
         self._outline = scene.visuals.Line(
             pos=np.zeros((2, 2), np.float32), color=OUTLINE_RGBA, width=1.5, parent=self._view.scene
         )
-        self._outline.order = 3
+        self._outline.order = 4
         self._outline.visible = False
 
         layout = QVBoxLayout(self)
@@ -311,6 +378,8 @@ class ScatterCanvas(QWidget):
         self._press: np.ndarray | None = None
         self._moved = False
         self._drag: list[np.ndarray] | None = None
+        self._title: str | None = None
+        self._axis_name = "dim"
         self._set_empty()
 
     # ---------------------------------------------------------------- state
@@ -332,6 +401,8 @@ class ScatterCanvas(QWidget):
         self._colour_column: str | None = None
         self._colour_kind: str | None = None
         self._legend: list[tuple[str, tuple[float, float, float, float]]] = []
+        self._legend_lut: np.ndarray = np.zeros(0, np.int64)  # LUT row of each entry (-1: NA)
+        self._range: tuple[float, float] | None = None  # continuous: the colours' lo, hi
         self._tree_rows = np.zeros(0, np.int64)
         self._tree_future: Future | None = None
         self._base_buf: np.ndarray | None = None
@@ -418,10 +489,14 @@ class ScatterCanvas(QWidget):
     # ---------------------------------------------------------------- colour
 
     def colour_by(self, column: str | None) -> None:
-        """Colour by an obs column (categorical palette or viridis); ``None``: one colour."""
+        """Colour by an obs column (categorical palette, stepped viridis for ordinal columns,
+        viridis between the 1st and 99th percentiles for continuous ones); ``None``: one
+        colour. The rule is :func:`napari_maeprobe.pl.colors.color_kind`."""
         if column is None:
             self._colour_column = self._colour_kind = None
             self._legend = []
+            self._legend_lut = np.zeros(0, np.int64)
+            self._range = None
             self._lut = np.array([DEFAULT_RGBA], np.float32)
             self._cidx = np.zeros(self._n, np.int32)
         else:
@@ -434,67 +509,93 @@ class ScatterCanvas(QWidget):
     def _compute_colours(self, column: str) -> None:
         s = self._obs[column]
         kind = color_kind(column, s)
+        self._range = None
         if kind == "ordinal":
-            v = pd.to_numeric(s, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
+            v = numeric_values(s)
             ok = np.isfinite(v)
-            lo = int(np.nanmin(v)) if ok.any() else 0
-            hi = int(np.nanmax(v)) if ok.any() else 0
+            lo = int(np.min(v[ok])) if ok.any() else 0
+            hi = int(np.max(v[ok])) if ok.any() else 0
             self._lut = np.vstack([ordinal_colors(hi - lo + 1), NA_RGBA])
             idx = np.full(len(v), -1, np.int32)
-            idx[ok] = (v[ok] - lo).astype(np.int32)
+            idx[ok] = np.round(v[ok] - lo).astype(np.int32)
             self._cidx = idx
-            counts = np.bincount(idx + 1, minlength=hi - lo + 2)
-            legend = [
-                (str(lo + i), tuple(float(c) for c in self._lut[i]))
-                for i in range(hi - lo + 1)
-                if counts[i + 1]
-            ]
-            if counts[0]:
-                legend.append(("NA", NA_RGBA))
+            labels = [str(lo + i) for i in range(hi - lo + 1)]
             self._colour_kind = "ordinal"
         elif kind == "categorical":
             codes, cats = _codes(s)
             self._lut = np.vstack([categorical_palette(max(len(cats), 1)), NA_RGBA])
             self._cidx = codes  # -1 (NA) picks the LUT's last row
-            counts = np.bincount(codes + 1, minlength=len(cats) + 1)
-            legend = [
-                (str(c), tuple(float(v) for v in self._lut[i]))
-                for i, c in enumerate(cats)
-                if counts[i + 1]
-            ]
-            if counts[0]:
-                legend.append(("NA", NA_RGBA))
+            labels = [str(c) for c in cats]
             self._colour_kind = "categorical"
         else:
-            v = pd.to_numeric(s, errors="coerce").to_numpy(dtype=np.float32, na_value=np.nan)
+            v = numeric_values(s).astype(np.float32)
             ok = np.isfinite(v)
             self._lut = np.vstack([viridis_lut(), NA_RGBA])
-            legend = []
-            if ok.all():
-                lo, hi = (float(q) for q in np.percentile(v, [1.0, 99.0]))
-            elif ok.any():
-                lo, hi = (float(q) for q in np.percentile(v[ok], [1.0, 99.0]))
+            labels = []
             if ok.any():
+                lo, hi = (float(q) for q in np.percentile(v if ok.all() else v[ok], [1.0, 99.0]))
                 scale = np.float32(255.0 / (hi - lo) if hi > lo else 0.0)
                 t = (v - np.float32(lo)) * scale
                 np.clip(t, 0.0, 255.0, out=t)
                 idx = t.astype(np.int32)
                 idx[~ok] = -1
                 self._cidx = idx
-                legend = [
-                    (f"{lo:.3g}", tuple(float(x) for x in self._lut[0])),
-                    (f"{hi:.3g}", tuple(float(x) for x in self._lut[255])),
-                ]
+                self._range = (lo, hi)
             else:
                 self._cidx = np.full(len(v), -1, np.int32)
             self._colour_kind = "continuous"
         self._lut = self._lut.astype(np.float32)
         self._colour_column = column
-        self._legend = legend
+        # the legend: every value that has a drawable point (finite coordinates), then NA
+        drawable = self._cidx if self._finite.all() else self._cidx[self._finite]
+        present = np.bincount(drawable + 1, minlength=len(self._lut))
+        rows = [i for i in range(len(labels)) if present[i + 1]]
+        if present[0]:
+            rows.append(-1)
+        self._legend_lut = np.asarray(rows, np.int64)
+        self._legend = [
+            (labels[i], tuple(float(c) for c in self._lut[i])) if i >= 0 else ("NA", NA_RGBA)
+            for i in rows
+        ]
 
     def legend(self) -> list[tuple[str, tuple[float, float, float, float]]]:
-        """(label, rgba) per category present (plus NA), or the continuous range's two ends."""
+        """(label, rgba) per category (or ordinal step) with a drawn point, low to high for
+        ordinal columns, plus ``("NA", NA_RGBA)`` when missing values are drawn; for a
+        continuous column the colour range's two ends (``f"{lo:.3g}"``, ``f"{hi:.3g}"``)
+        (plus NA). Counts and the colour bar: :meth:`legend_info`."""
+        if self._colour_kind == "continuous" and self._range is not None:
+            lo, hi = self._range
+            ends = [
+                (f"{lo:.3g}", tuple(float(x) for x in self._lut[0])),
+                (f"{hi:.3g}", tuple(float(x) for x in self._lut[255])),
+            ]
+            return ends + list(self._legend)
         return list(self._legend)
+
+    def legend_counts(self) -> np.ndarray:
+        """int64 count of the shown points (finite and not filtered out) of each entry of
+        ``legend_info().entries`` (categories, ordinal steps, NA)."""
+        if not len(self._legend_lut):
+            return np.zeros(0, np.int64)
+        counts = np.bincount(self._cidx[self._shown] + 1, minlength=len(self._lut))
+        return counts[self._legend_lut + 1].astype(np.int64)
+
+    def legend_info(self) -> LegendInfo:
+        """Everything a legend needs: see :class:`LegendInfo`. Counts are of the points shown
+        now (finite coordinates, after ``set_visible`` filters)."""
+        entries = [
+            (label, rgba, int(n))
+            for (label, rgba), n in zip(self._legend, self.legend_counts(), strict=True)
+        ]
+        return LegendInfo(
+            column=self._colour_column,
+            kind=self._colour_kind,
+            entries=entries,
+            n_shown=len(self._shown),
+            n_total=self._n,
+            range=self._range,
+            lut=np.asarray(self._lut[:-1]) if self._colour_kind == "continuous" else None,
+        )
 
     @property
     def colour_column(self) -> str | None:
@@ -532,6 +633,7 @@ class ScatterCanvas(QWidget):
             self._sel_mask &= self._shown_mask
             self._sel_version += 1
         self._flush(geometry=True)
+        self.legend_changed.emit(self.legend())  # the counts follow the filters
         if dropped.any():
             self.selection_changed.emit(self.selected())
 
@@ -770,48 +872,148 @@ class ScatterCanvas(QWidget):
 
     # ---------------------------------------------------------------- export
 
-    def export_image(self, path: str | Path) -> Path:
-        """Write the view as ``.png`` (rendered canvas) or ``.svg`` (matplotlib; vector below
-        ``SVG_VECTOR_MAX`` visible points, else with the points embedded as a PNG)."""
+    def set_labels(self, title: str | None = None, axis_name: str | None = None) -> None:
+        """Name what the saved figures show: ``title`` starts the figure's title (e.g.
+        ``"patch level"``; the rest, ``"coloured by leiden, 12,345 points, 321 selected
+        (highlighted)"``, is added from the state), ``axis_name`` names the axes
+        (``"UMAP"``: "UMAP 1", "UMAP 2"; default "dim"). ``None`` leaves a value unchanged;
+        ``""`` clears the title."""
+        if title is not None:
+            self._title = title or None
+        if axis_name is not None:
+            self._axis_name = axis_name or "dim"
+
+    def figure_title(self) -> str:
+        """The title of a saved figure: the ``set_labels`` title, what the colours show, the
+        number of points shown and selected."""
+        parts = [self._title] if self._title else []
+        if self._colour_column is not None:
+            parts.append(f"coloured by {self._colour_column}")
+        parts.append(f"{len(self._shown):,} points")
+        n_sel = int(np.count_nonzero(self._sel_mask & self._shown_mask))
+        if n_sel:
+            parts.append(f"{n_sel:,} selected (highlighted, the rest dimmed)")
+        return ", ".join(parts)
+
+    def axis_labels(self) -> tuple[str, str]:
+        return f"{self._axis_name} 1", f"{self._axis_name} 2"
+
+    def export_image(self, path: str | Path, dpi: float = 200.0) -> Path:
+        """Save the current view as a figure, ``.png`` (``dpi``) or ``.svg``: the points as
+        drawn (unselected ones dimmed while a selection exists, the selection on top, the
+        highlight ringed), axis labels and title (:meth:`set_labels`), and a legend of every
+        category with its count of shown points (several columns when many) or a colour bar
+        for a continuous column. SVG points are vectors below ``SVG_VECTOR_MAX`` visible
+        points, else embedded as an image."""
         path = Path(path)
         suffix = path.suffix.lower()
-        if suffix == ".png":
-            from vispy.io import write_png
-
-            write_png(str(path), self._canvas.render())
-        elif suffix == ".svg":
-            self._export_svg(path)
-        else:
+        if suffix not in (".png", ".svg"):
             raise ValueError(f"cannot export {suffix or 'no suffix'}: use .png or .svg")
+        from matplotlib import rc_context
+
+        many = len(self._shown) >= (SVG_VECTOR_MAX if suffix == ".svg" else FIGURE_RASTER_MIN)
+        fig = self.figure(raster_scale=dpi / 100.0 if many else None)
+        with rc_context({"svg.fonttype": "none"}):  # SVG text stays text (editable)
+            fig.savefig(path, format=suffix[1:], dpi=dpi, facecolor="white",
+                        bbox_inches="tight", pad_inches=0.15)  # fmt: skip
         return path
 
-    def _export_svg(self, path: Path) -> None:
-        from matplotlib.figure import Figure
+    def figure(self, raster_scale: float | None = None):
+        """A matplotlib ``Figure`` of the current view (what :meth:`export_image` saves).
 
-        dpi = 100.0
-        w, h = (float(v) for v in self._view.size)
+        ``raster_scale``: draw the points (not the highlight) as one image splatted like the
+        CPU raster path, ``raster_scale`` image pixels per canvas pixel (fast for many points);
+        None: one vector marker per point."""
+        from matplotlib.figure import Figure
+        from matplotlib.lines import Line2D
+
+        dpi = 100.0  # one canvas pixel = one figure pixel at 100 dpi: point sizes match
+        w, h = (max(float(v), 50.0) for v in self._view.size)
         (x0, y1), (x1, y0) = self.canvas_to_data((0, 0)), self.canvas_to_data((w, h))
-        fig = Figure(figsize=(w / dpi, h / dpi), dpi=dpi, facecolor="white")
-        ax = fig.add_axes((0.0, 0.0, 1.0, 1.0))
-        ax.set_axis_off()
+        aw, ah = w / dpi, h / dpi
+        fig = Figure(figsize=(aw + 1.0, ah + 0.9), dpi=dpi, facecolor="white")
+        ax = fig.add_axes((0.75 / (aw + 1.0), 0.6 / (ah + 0.9), aw / (aw + 1.0), ah / (ah + 0.9)))
         ax.set_xlim(x0, x1)
         ax.set_ylim(y0, y1)
+        xlabel, ylabel = self.axis_labels()
+        ax.set_xlabel(xlabel, fontsize=10)
+        ax.set_ylabel(ylabel, fontsize=10)
+        ax.tick_params(labelsize=8)
+        for side in ("top", "right"):
+            ax.spines[side].set_visible(False)
+        ax.set_title(self.figure_title(), fontsize=10, loc="left")
         pt = 72.0 / dpi
-        base = self.colours(self._shown)
-        base[:, 3] *= self._base_alpha()
-        rasterized = len(self._shown) >= SVG_VECTOR_MAX
-        ax.scatter(self._sx, self._sy, s=(self._size * pt) ** 2, c=base, linewidths=0,
-                   rasterized=rasterized)  # fmt: skip
         sel = np.flatnonzero(self._sel_mask & self._shown_mask)
-        if len(sel):
+        got = self._rasterise(raster_scale, {}) if raster_scale else None
+        if got is not None:
+            img, (xl, yb, px_w, px_h) = got
+            extent = (xl, xl + px_w * img.shape[1], yb, yb + px_h * img.shape[0])
+            ax.imshow(img, origin="lower", extent=extent, interpolation="nearest",
+                      aspect="auto")  # fmt: skip
+            ax.set_xlim(x0, x1)
+            ax.set_ylim(y0, y1)
+        else:
+            base = self.colours(self._shown).copy()
+            base[:, 3] *= self._base_alpha()
+            ax.scatter(self._sx, self._sy, s=(self._size * pt) ** 2, c=base, linewidths=0,
+                       rasterized=len(self._shown) >= SVG_VECTOR_MAX)  # fmt: skip
+        if len(sel) and got is None:
             ax.scatter(*self._xy[sel].T, s=((self._size + 2) * pt) ** 2, c=self.colours(sel),
                        edgecolors=[SELECTED_EDGE], linewidths=pt,
                        rasterized=len(sel) >= SVG_VECTOR_MAX)  # fmt: skip
         hl = self._hl[self._shown_mask[self._hl]]
         if len(hl):
-            ax.scatter(*self._xy[hl].T, s=(self._hl_size() * pt) ** 2, c=self.colours(hl),
-                       edgecolors=[HIGHLIGHT_EDGE], linewidths=2 * pt)  # fmt: skip
-        fig.savefig(path, format="svg", dpi=2 * dpi, facecolor="white")
+            size = self._hl_size()
+            ax.scatter(*self._xy[hl].T, s=((size + 6) * pt) ** 2, c=[HIGHLIGHT_OUTLINE],
+                       linewidths=0)  # fmt: skip
+            ax.scatter(*self._xy[hl].T, s=(size * pt) ** 2, c=self.colours(hl),
+                       edgecolors=[HIGHLIGHT_EDGE], linewidths=2.5 * pt)  # fmt: skip
+        info = self.legend_info()
+        if info.kind == "continuous" and info.range is not None:
+            from matplotlib.cm import ScalarMappable
+            from matplotlib.colors import ListedColormap, Normalize
+
+            lo, hi = info.range
+            v = numeric_values(self._obs[info.column])[self._shown]
+            v = v[np.isfinite(v)]
+            extend = {(True, True): "both", (True, False): "min", (False, True): "max"}.get(
+                (bool((v < lo).any()), bool((v > hi).any())), "neither"
+            )
+            cax = ax.inset_axes((1.04, 0.15, 0.035, 0.7))
+            mappable = ScalarMappable(Normalize(lo, hi if hi > lo else lo + 1e-9),
+                                      ListedColormap(info.lut[:, :3]))  # fmt: skip
+            bar = fig.colorbar(mappable, cax=cax, extend=extend)
+            bar.set_label(f"{info.column}\n(1st-99th percentile)", fontsize=9)
+            bar.ax.tick_params(labelsize=8)
+        if info.entries:
+            n = len(info.entries)
+            shown = info.entries[:MAX_FIGURE_LEGEND]
+            labels = [f"{_short(lab)} ({count:,})" for lab, _, count in shown]
+            if n > len(shown):
+                labels.append(f"... {n - len(shown):,} more")
+            handles = [Line2D([], [], ls="", marker="o", ms=6, mfc=c, mec="none")
+                       for _, c, _ in shown]  # fmt: skip
+            if n > len(shown):
+                handles.append(Line2D([], [], ls="", marker=""))
+            # columns of at most LEGEND_ROWS rows, but no wider than about twice its height
+            ncols = min(-(-len(labels) // LEGEND_ROWS), max(1, math.ceil(math.sqrt(n / 12))))
+            rows = -(-len(labels) // ncols)
+            continuous = info.kind == "continuous"
+            ax.legend(
+                handles,
+                labels,
+                loc="lower left" if continuous else "upper left",
+                bbox_to_anchor=(1.02, 0.0) if continuous else (1.02, 1.0),
+                ncols=-(-len(labels) // rows),
+                fontsize=8 if len(labels) <= LEGEND_ROWS else 7,
+                title=None if continuous else f"{info.column} (points shown)",
+                title_fontsize=9,
+                frameon=False,
+                handletextpad=0.2,
+                columnspacing=0.8,
+                borderaxespad=0.0,
+            )
+        return fig
 
     # ---------------------------------------------------------------- drawing
 
@@ -866,10 +1068,11 @@ class ScatterCanvas(QWidget):
             self._draw_markers(geometry, colours, size, selection)
         if geometry or colours or size or highlight:
             hl = self._hl[self._shown_mask[self._hl]] if len(self._hl) else self._hl
+            x, y, size = self._x[hl], self._y[hl], self._hl_size()
+            ring = np.broadcast_to(np.float32(HIGHLIGHT_OUTLINE), (len(hl), 4))
+            self._hl_ring.upload(_marker_buffer(x, y, ring, size + 6.0) if len(hl) else None)
             self._hl_pts.upload(
-                _marker_buffer(
-                    self._x[hl], self._y[hl], self.colours(hl), self._hl_size(), 2.0, HIGHLIGHT_EDGE
-                )
+                _marker_buffer(x, y, self.colours(hl), size, 2.5, HIGHLIGHT_EDGE)
                 if len(hl)
                 else None
             )
@@ -920,8 +1123,20 @@ class ScatterCanvas(QWidget):
 
     def _draw_raster(self) -> None:
         """Splat the visible (and selected) points into an image of the view's pixel grid."""
+        got = self._rasterise(float(self._canvas.pixel_scale), self._raster_cache)
+        if got is None:
+            return
+        img, (x_left, y_bottom, px_w, px_h) = got
+        self._image.set_data(img)
+        self._image.transform.scale = (px_w, px_h, 1.0)
+        self._image.transform.translate = (x_left, y_bottom, 0.0)
+        self._image.visible = True
+
+    def _rasterise(self, scale: float, cache: dict):
+        """The visible and selected points splatted into an RGBA uint8 image of the view at
+        ``scale`` pixels per canvas pixel (row 0 at the bottom) and (x_left, y_bottom, px_w,
+        px_h) of its pixel grid in data coordinates; None for an empty view."""
         w_log, h_log = (float(v) for v in self._view.size)
-        scale = float(self._canvas.pixel_scale)
         width, height = max(1, round(w_log * scale)), max(1, round(h_log * scale))
         (x_left, y_top), (x_right, y_bottom) = (
             self.canvas_to_data((0.0, 0.0)),
@@ -929,13 +1144,12 @@ class ScatterCanvas(QWidget):
         )
         px_w, px_h = (x_right - x_left) / width, (y_top - y_bottom) / height
         if not (px_w > 0 and px_h > 0):
-            return
+            return None
         radius = self._size * scale / 2.0
         ring = radius + max(1.0, scale)
         pad = int(math.ceil(ring)) + 1
         shape = (height + 2 * pad, width + 2 * pad)
         crop = (slice(pad, pad + height), slice(pad, pad + width))
-        cache = self._raster_cache
         view_key = (x_left, y_bottom, px_w, px_h, shape, self._size, scale, self._geo_version)
         sel_key = (view_key, self._sel_version)
 
@@ -969,67 +1183,186 @@ class ScatterCanvas(QWidget):
             face_pix, face_rows, ring_pix = cache["sel"]
             out[ring_pix] = _pack(SELECTED_EDGE)[0]
             out[face_pix] = _pack(self._lut)[self._cidx[face_rows]]
-        self._image.set_data(out.view(np.uint8).reshape(height, width, 4))
-        self._image.transform.scale = (px_w, px_h, 1.0)
-        self._image.transform.translate = (x_left, y_bottom, 0.0)
-        self._image.visible = True
+        return out.view(np.uint8).reshape(height, width, 4), (x_left, y_bottom, px_w, px_h)
+
+
+class ColourBar(QWidget):
+    """A horizontal colour bar: a LUT's gradient, its low and high values (and the middle)
+    below, for a continuous colour column."""
+
+    def __init__(self, parent: QWidget | None = None):
+        super().__init__(parent)
+        self._lut = viridis_lut()
+        self._lo, self._hi = 0.0, 1.0
+        self._labels = ("0", "1")
+        self.setMinimumHeight(40)
+        self.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Fixed)
+
+    def set_range(self, lo: float, hi: float, lut: np.ndarray | None = None) -> None:
+        self._lo, self._hi = float(lo), float(hi)
+        if lut is not None:
+            self._lut = np.asarray(lut, np.float32)
+        self._labels = (f"{self._lo:.3g}", f"{self._hi:.3g}")
+        self.update()
+
+    def tick_labels(self) -> tuple[str, str, str]:
+        """The texts under the bar: low, middle, high."""
+        return self._labels[0], f"{(self._lo + self._hi) / 2:.3g}", self._labels[1]
+
+    def sizeHint(self) -> QSize:  # noqa: N802 - Qt
+        return QSize(200, 40)
+
+    def paintEvent(self, event) -> None:  # noqa: N802 - Qt
+        p = QPainter(self)
+        fm = p.fontMetrics()
+        lo, mid, hi = self.tick_labels()
+        margin = max(fm.horizontalAdvance(lo), fm.horizontalAdvance(hi)) // 2 + 2
+        x0, x1 = margin, max(margin + 10, self.width() - margin)
+        bar_h = 14
+        rgba = np.ascontiguousarray(np.round(np.clip(self._lut, 0, 1) * 255).astype(np.uint8))
+        img = QImage(rgba.tobytes(), len(rgba), 1, 4 * len(rgba), QImage.Format.Format_RGBA8888)
+        p.drawImage(QRectF(x0, 2.0, x1 - x0, bar_h), img)
+        p.setPen(QColor(90, 90, 90))
+        p.drawRect(x0, 2, x1 - x0, bar_h)
+        y_text = 2 + bar_h + 4 + fm.ascent()
+        for x, text in ((x0, lo), ((x0 + x1) // 2, mid), (x1, hi)):
+            p.drawLine(x, 2 + bar_h, x, 2 + bar_h + 3)
+            p.drawText(int(x - fm.horizontalAdvance(text) / 2), y_text, text)
+        p.end()
 
 
 class LegendWidget(QWidget):
-    """Colour swatches and labels of a ScatterCanvas legend (at most ``MAX_ENTRIES`` rows)."""
+    """The legend of a ScatterCanvas: a header (the colour column and what the counts are of),
+    then either every category / ordinal step as swatch, label and count of shown points, in a
+    scrollable list (``"12 (1,234)"``; missing values ``"NA (n)"`` in the NA grey), or a colour
+    bar for continuous columns (the 1st and 99th percentiles the colours span).
 
-    MAX_ENTRIES = 30
+    ``LegendWidget(canvas)`` follows the canvas (``legend_changed``: new data, colour column or
+    filters). ``set_entries(entries, title)`` shows a list by hand: ``(label, rgba)`` or
+    ``(label, rgba, count)`` tuples. Give it a fixed modest height; the list scrolls.
+    """
+
+    #: at most this many rows are listed (then "+N more"): a legend of 50,000 cell ids is not read
+    MAX_ENTRIES = 5000
+    COUNTS_TIP = (
+        "Numbers in brackets: points of each value shown in the plot now (finite coordinates, "
+        "after the filters)."
+    )
 
     def __init__(self, canvas: ScatterCanvas | None = None, parent: QWidget | None = None):
         super().__init__(parent)
-        self._layout = QVBoxLayout(self)
-        self._layout.setContentsMargins(2, 2, 2, 2)
-        self._layout.setSpacing(1)
+        layout = QVBoxLayout(self)
+        layout.setContentsMargins(2, 2, 2, 2)
+        layout.setSpacing(2)
         self._title = QLabel("")
         self._title.setStyleSheet("font-weight: bold")
-        self._layout.addWidget(self._title)
-        self._rows: list[QWidget] = []
+        self._title.setWordWrap(True)
+        self._title.setToolTip(self.COUNTS_TIP)
+        layout.addWidget(self._title)
+        self._bar = ColourBar(self)
+        self._bar.setVisible(False)
+        layout.addWidget(self._bar)
+        self._list = QListWidget(self)
+        self._list.setUniformItemSizes(True)
+        self._list.setSelectionMode(QListWidget.SelectionMode.NoSelection)
+        self._list.setFocusPolicy(Qt.FocusPolicy.NoFocus)
+        self._list.setIconSize(QSize(12, 12))
+        self._list.setSpacing(0)
+        self._list.setToolTip(self.COUNTS_TIP)
+        self._list.setMinimumHeight(40)
+        self._list.setStyleSheet("QListWidget { border: none; background: transparent; }")
+        layout.addWidget(self._list, 1)
+        layout.addStretch(0)  # keeps the header on top when only a colour bar shows
         self._labels: list[str] = []
+        self._texts: list[str] = []
+        self._icons: dict[tuple[int, int, int, int], QIcon] = {}
         self._canvas = canvas
         if canvas is not None:
             canvas.legend_changed.connect(self._on_legend_changed)
-            self._on_legend_changed(canvas.legend())
+            self._on_legend_changed(None)
 
-    def _on_legend_changed(self, entries) -> None:
-        title = self._canvas.colour_column if self._canvas is not None else None
-        self.set_entries(entries, title)
+    def sizeHint(self) -> QSize:  # noqa: N802 - Qt
+        return QSize(220, 160)
 
-    def set_entries(
-        self,
-        entries: list[tuple[str, tuple[float, float, float, float]]],
-        title: str | None = None,
-    ) -> None:
-        """Show ``entries`` (label, rgba); beyond ``MAX_ENTRIES`` a "+N more" row."""
-        for w in self._rows:
-            self._layout.removeWidget(w)
-            w.deleteLater()
-        self._rows, self._labels = [], []
+    def _on_legend_changed(self, _entries=None) -> None:
+        if self._canvas is not None:
+            self.set_info(self._canvas.legend_info())
+
+    def _icon(self, rgba) -> QIcon:
+        key = tuple(int(round(255 * float(c))) for c in rgba)
+        icon = self._icons.get(key)
+        if icon is None:
+            pix = QPixmap(12, 12)
+            pix.fill(QColor(*key))
+            painter = QPainter(pix)
+            painter.setPen(QColor(110, 110, 110))
+            painter.drawRect(0, 0, 11, 11)
+            painter.end()
+            icon = self._icons[key] = QIcon(pix)
+        return icon
+
+    def set_info(self, info: LegendInfo) -> None:
+        """Show a canvas's :class:`LegendInfo`."""
+        if info.column is None:
+            self._show(None, [], None)
+            return
+        shown = f"{info.n_shown:,}" + (
+            f" of {info.n_total:,}" if info.n_shown != info.n_total else ""
+        )
+        title = f"{info.column}  ({shown} points shown)"
+        if info.kind == "categorical" and len(info.entries) > MAX_DISTINCT:
+            title += f"; colours repeat after {MAX_DISTINCT}"
+        bar = None
+        if info.kind == "continuous" and info.range is not None:
+            bar = (info.range[0], info.range[1], info.lut)
+            title = f"{info.column}  (1st-99th percentile; {shown} points shown)"
+        self._show(title, info.entries, bar)
+
+    def set_entries(self, entries, title: str | None = None) -> None:
+        """Show ``entries``: ``(label, rgba)`` or ``(label, rgba, count)`` tuples."""
+        self._show(title, entries, None)
+
+    def _show(self, title, entries, bar) -> None:
         self._title.setText(title or "")
         self._title.setVisible(bool(title))
-        for label, rgba in entries[: self.MAX_ENTRIES]:
-            row = QWidget(self)
-            h = QHBoxLayout(row)
-            h.setContentsMargins(0, 0, 0, 0)
-            swatch = QLabel(row)
-            swatch.setFixedSize(12, 12)
-            r, g, b, a = (int(round(255 * float(c))) for c in rgba)
-            swatch.setStyleSheet(f"background-color: rgba({r},{g},{b},{a}); border: 1px solid #888")
-            h.addWidget(swatch)
-            h.addWidget(QLabel(str(label), row), 1)
-            self._layout.addWidget(row)
-            self._rows.append(row)
-            self._labels.append(str(label))
+        self._bar.setVisible(bar is not None)
+        self._labels, self._texts = [], []
+        if bar is not None:
+            self._bar.set_range(*bar)
+            lo, _, hi = self._bar.tick_labels()
+            self._labels = [lo, hi]
+            self._bar.setToolTip(
+                f"Colours span the 1st to the 99th percentile ({lo} to {hi}); values beyond "
+                "are drawn with the end colours."
+            )
+        self._list.setUpdatesEnabled(False)
+        self._list.clear()
+        for entry in entries[: self.MAX_ENTRIES]:
+            label, rgba = str(entry[0]), entry[1]
+            text = label if len(entry) < 3 else f"{label} ({int(entry[2]):,})"
+            item = QListWidgetItem(self._icon(rgba), text)
+            if len(entry) >= 3 and int(entry[2]) == 0:
+                item.setForeground(QColor(150, 150, 150))  # filtered out: kept, greyed
+            self._list.addItem(item)
+            self._labels.append(label)
+            self._texts.append(text)
         if len(entries) > self.MAX_ENTRIES:
-            more = QLabel(f"+{len(entries) - self.MAX_ENTRIES} more", self)
-            self._layout.addWidget(more)
-            self._rows.append(more)
-            self._labels.append(more.text())
+            more = f"+{len(entries) - self.MAX_ENTRIES:,} more"
+            self._list.addItem(QListWidgetItem(more))
+            self._labels.append(more)
+            self._texts.append(more)
+        self._list.setVisible(bool(self._texts) or bar is None)
+        self._list.setUpdatesEnabled(True)
 
     def labels(self) -> list[str]:
-        """The texts shown, in order (including a trailing "+N more")."""
+        """The values listed, in order (category labels without counts; a colour bar's low and
+        high ends first; a trailing "+N more")."""
         return list(self._labels)
+
+    def texts(self) -> list[str]:
+        """The list's texts as shown, with counts: ``"12 (1,234)"``."""
+        return list(self._texts)
+
+    @property
+    def colour_bar(self) -> ColourBar:
+        return self._bar

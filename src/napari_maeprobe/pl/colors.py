@@ -1,11 +1,15 @@
 """The colour policy: one rule for how each column is coloured, shared by the explorer's
 scatter, the report's figures and the ``uns[f"{column}_colors"]`` of the exports.
 
-- categorical columns (and flags, identifiers): tab10 up to 10 categories, tab20 up to 20, then
-  Glasbey-style colours, each the farthest in CIELAB from those chosen before;
-- ordinal columns (patch row / column / z): stepped viridis, one step per value;
+- categorical columns (and flags, identifiers): tab10 up to 10 categories, tab20 up to 20 (its
+  light grey, too close to the NA grey, replaced), then Glasbey-style colours, each the farthest
+  in CIELAB from those chosen before;
+- ordinal columns (patch row / column / z, also when stored as categories of numbers): stepped
+  viridis, one step per value from the lowest to the highest;
 - continuous columns: viridis between the 1st and 99th percentiles.
-Missing values are light grey everywhere.
+Missing values are light grey everywhere. The explorer's selection and highlight colours
+(:data:`SELECTED_EDGE_RGBA`, :data:`HIGHLIGHT_RGBA`, :data:`HIGHLIGHT_OUTLINE_RGBA`: black, white)
+are never palette colours.
 """
 
 from __future__ import annotations
@@ -22,17 +26,68 @@ ColorKind = Literal["categorical", "ordinal", "continuous"]
 
 #: the colour of missing values
 NA_RGBA = (0.8, 0.8, 0.8, 1.0)
+#: the edge of selected points in the explorer's scatter (near black)
+SELECTED_EDGE_RGBA = (0.05, 0.05, 0.05, 1.0)
+#: the ring of highlighted (clicked) points: white, outlined in black
+HIGHLIGHT_RGBA = (1.0, 1.0, 1.0, 1.0)
+HIGHLIGHT_OUTLINE_RGBA = (0.0, 0.0, 0.0, 1.0)
+#: colours no categorical palette may use (NA, selection and highlight)
+RESERVED_RGBA = (NA_RGBA, SELECTED_EDGE_RGBA, HIGHLIGHT_RGBA, HIGHLIGHT_OUTLINE_RGBA)
+#: user columns with these names holding whole numbers are ordinal (z planes, grid positions)
+ORDINAL_NAMES = frozenset(
+    {"z", "z_index", "z_plane", "z_slice", "slice", "plane", "patch_z", "patch_row", "patch_col"}
+)
+#: an ordinal column spanning more values than this (highest - lowest + 1) is continuous
+MAX_ORDINAL_SPAN = 256
 #: an ordinal column with more distinct values than this is coloured as continuous
 MAX_ORDINAL_STEPS = 32
 #: at most this many distinct categorical colours (identifiers with more values repeat them)
 MAX_DISTINCT = 256
 
 
+def numeric_values(values: pd.Series) -> np.ndarray:
+    """float64 values of a column (NaN where missing or not a number), also for categorical
+    columns whose categories are numbers or numeric strings (one conversion per category)."""
+    s = pd.Series(values) if not isinstance(values, pd.Series) else values
+    if isinstance(s.dtype, pd.CategoricalDtype):
+        cats = pd.to_numeric(
+            pd.Series(np.asarray(s.cat.categories, dtype=object)), errors="coerce"
+        ).to_numpy(dtype=np.float64, na_value=np.nan)
+        codes = s.cat.codes.to_numpy()
+        out = np.full(len(codes), np.nan)
+        ok = codes >= 0
+        out[ok] = cats[codes[ok]]
+        return out
+    if pd.api.types.is_bool_dtype(s.dtype):
+        return s.to_numpy(dtype=np.float64, na_value=np.nan)
+    if pd.api.types.is_numeric_dtype(s.dtype):
+        return s.to_numpy(dtype=np.float64, na_value=np.nan)
+    return pd.to_numeric(s, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
+
+
 def color_kind(name: str, values: pd.Series | None = None) -> ColorKind:
-    """How a column is coloured, from its schema kind (see :mod:`napari_maeprobe.schema`)."""
+    """How a column is coloured, from its schema kind (see :mod:`napari_maeprobe.schema`).
+
+    Ordinal columns (``patch_row``, ``patch_col``, ``patch_z``, and user columns named ``z``,
+    ``plane``, ``slice``... holding whole numbers) get a stepped scale even when stored as
+    categories; one with more than ``MAX_ORDINAL_STEPS`` values, or spanning more than
+    ``MAX_ORDINAL_SPAN``, is continuous; one whose values are not numbers is categorical.
+    """
     kind = column_kind(name, values)
+    if kind != "ordinal" and str(name).lower() in ORDINAL_NAMES and values is not None:
+        kind = "ordinal" if kind in ("categorical", "continuous") else kind
     if kind == "ordinal":
-        if values is not None and values.nunique(dropna=True) > MAX_ORDINAL_STEPS:
+        if values is None:
+            return "ordinal"
+        v = numeric_values(values)
+        ok = np.isfinite(v)
+        if not ok.any():
+            return "categorical" if values.notna().any() else "ordinal"
+        if not np.all(v[ok] == np.round(v[ok])):
+            return "continuous"
+        if values.nunique(dropna=True) > MAX_ORDINAL_STEPS:
+            return "continuous"
+        if v[ok].max() - v[ok].min() + 1 > MAX_ORDINAL_SPAN:
             return "continuous"
         return "ordinal"
     if kind == "continuous":
@@ -60,7 +115,7 @@ def _glasbey(seed: np.ndarray, k: int) -> np.ndarray:
     chroma = np.hypot(lab[:, 1], lab[:, 2])
     keep = (lab[:, 0] > 30) & (lab[:, 0] < 85) & (chroma > 20)  # not grey (NA), not white/black
     cand, lab = cand[keep], lab[keep]
-    fixed = _srgb_to_lab(np.vstack([seed[:, :3], NA_RGBA[:3], (1.0, 1.0, 1.0)]))
+    fixed = _srgb_to_lab(np.vstack([seed[:, :3], *[c[:3] for c in RESERVED_RGBA]]))
     dist = np.min(((lab[:, None, :] - fixed[None, :, :]) ** 2).sum(-1), axis=1)
     out = []
     for _ in range(k):
@@ -70,9 +125,22 @@ def _glasbey(seed: np.ndarray, k: int) -> np.ndarray:
     return np.column_stack([np.asarray(out).reshape(-1, 3), np.ones(k)])
 
 
+@lru_cache(maxsize=1)
+def _tab20() -> np.ndarray:
+    from matplotlib import colormaps
+
+    tab20 = np.asarray(colormaps["tab20"].colors, dtype=np.float64)[:, :3]
+    rest = np.delete(tab20, 15, axis=0)
+    tab20[15] = _glasbey(rest, 1)[0, :3]
+    return tab20
+
+
 @lru_cache(maxsize=32)
 def categorical_palette(k: int) -> np.ndarray:
-    """``k`` RGBA colours: tab10 (k <= 10), tab20 (k <= 20), then Glasbey-like extras."""
+    """``k`` RGBA colours: tab10 (k <= 10), tab20 (k <= 20), then Glasbey-like extras.
+
+    tab20's light grey (199, 199, 199) is the NA grey to the eye: it is replaced by the
+    Glasbey colour farthest from the other 19 (and from NA, selection and highlight)."""
     if k > MAX_DISTINCT:  # more categories than distinguishable colours: the palette repeats
         return np.resize(categorical_palette(MAX_DISTINCT), (k, 4)).astype(np.float32)
     from matplotlib import colormaps
@@ -80,7 +148,7 @@ def categorical_palette(k: int) -> np.ndarray:
     if k <= 10:
         pal = np.asarray(colormaps["tab10"].colors)[:k]
     else:
-        tab20 = np.asarray(colormaps["tab20"].colors)
+        tab20 = _tab20()
         pal = tab20[:k] if k <= 20 else np.vstack([tab20, _glasbey(tab20, k - 20)[:, :3]])
         pal = pal[:, :3]
     pal = np.column_stack([pal[:, :3], np.ones(len(pal))]).astype(np.float32)

@@ -295,7 +295,9 @@ def umap_png(
         else:
             fig.text(0.70, 0.5, f"{len(cats)} categories\n(no legend)", fontsize=9, va="center")
     else:
-        vals = values.to_numpy(dtype=np.float64, na_value=np.nan)
+        from napari_maeprobe.pl.colors import numeric_values
+
+        vals = numeric_values(values)  # numbers however stored (categories of numbers too)
         finite = vals[np.isfinite(vals)]
         from matplotlib import colormaps
 
