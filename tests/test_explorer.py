@@ -88,3 +88,51 @@ def test_h5ad_export_loads_in_the_explorer(sample_store, tmp_path):
     data = load_level(path, "channel")
     assert data.n == 275 and set(data.coords) == {"UMAP", "PCA"}
     assert data.X.shape == (275, 144) and data.drivers is not None
+
+
+def test_z_stack_embedded_in_2d_paints_every_plane_of_its_3d_layer():
+    """A z-stack embedded as its 2D maximum projection, shown as its 3D layer: the 2D patch
+    footprints and the cells of the 2D labels cover every plane, clipped along y and x."""
+    image, labels3d = load_sample("nuclei3d")
+    flat = image.to_numpy().max(axis=1)  # (1, 256, 256)
+    labels = labels3d.max(axis=0)
+    crops = cell_crops(normalize(flat), labels, (64, 64), image.name, image.channel_names)
+    obs = conform(patch_table(crops, (8, 8), dataset=image.dataset), "patch")
+    obs.index = obs.index.astype(str)
+    adata = ad.AnnData(X=np.zeros((len(obs), 4), np.float32), obs=obs)
+    data = ExplorerData(adata, (8, 8), (64, 64))
+    rows = np.arange(0, len(obs), 97)
+    flat_hl = highlight_image(data, rows, image.name, labels.shape)
+    stack_hl = highlight_image(data, rows, image.name, labels3d.shape)
+    assert stack_hl.shape == labels3d.shape and flat_hl.sum() > 0
+    np.testing.assert_array_equal(stack_hl, np.broadcast_to(flat_hl, labels3d.shape))
+    # a click on the 3D layer (z, y, x) finds the patch under (y, x)
+    y0, x0 = patch_boxes(data.obs.iloc[rows[:1]], (8, 8))[0][:2]
+    assert rows[0] in rows_at(data, image.name, (30, y0 + 1, x0 + 1))
+    # the cell level, with the 2D labels, on the 3D layer
+    cell_obs = conform(obs.drop_duplicates("cell_id")[["image", "cell_id"]].reset_index(
+        drop=True), "global")  # fmt: skip
+    cell_obs.index = cell_obs.index.astype(str)
+    cells = ExplorerData(ad.AnnData(X=np.zeros((len(cell_obs), 4), np.float32), obs=cell_obs),
+                         (8, 8), (64, 64))  # fmt: skip
+    hl = highlight_image(cells, np.array([0]), image.name, labels3d.shape, labels)
+    one = labels == int(cell_obs["cell_id"].iloc[0])
+    np.testing.assert_array_equal(hl, np.broadcast_to(one, labels3d.shape).astype(np.uint8))
+
+
+def test_native_3d_cell_rows_without_labels_paint_their_3d_crop_window():
+    data3d, labels, image = _data_3d()
+    obs = data3d.obs.drop_duplicates("cell_id")[["image", "cell_id"]].reset_index(drop=True)
+    centres = data3d.obs.groupby("cell_id", observed=True)[
+        ["centroid_z", "centroid_y", "centroid_x"]].mean()  # fmt: skip
+    obs = obs.join(centres, on="cell_id")
+    obs = conform(obs, "global")
+    obs.index = obs.index.astype(str)
+    data = ExplorerData(ad.AnnData(X=np.zeros((len(obs), 4), np.float32), obs=obs),
+                        (10, 8, 8), (40, 64, 64))  # fmt: skip
+    hl = highlight_image(data, np.array([3]), image.name, labels.shape)
+    c = obs[["centroid_z", "centroid_y", "centroid_x"]].iloc[3].to_numpy(np.float64)
+    lo = np.floor(c - np.array([20, 32, 32]) + 0.5).astype(int)
+    expected = np.zeros(labels.shape, np.uint8)
+    expected[tuple(slice(max(0, a), max(0, a + s)) for a, s in zip(lo, (40, 64, 64)))] = 1
+    np.testing.assert_array_equal(hl, expected)

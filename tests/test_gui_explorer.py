@@ -52,6 +52,7 @@ def _explorer(viewer, qtbot, store, level="patch"):
 
 def test_lasso_selects_the_points_inside_and_highlights_their_patches(viewer, qtbot, sample_store):
     widget, labels = _explorer(viewer, qtbot, sample_store)
+    widget.attention_check.setChecked(True)  # the cells' attention on the image too
     data = widget.data
     coords = data.coords["UMAP"]
     lo, hi = np.nanpercentile(coords, 20, axis=0), np.nanpercentile(coords, 60, axis=0)
@@ -79,8 +80,9 @@ def test_lasso_selects_the_points_inside_and_highlights_their_patches(viewer, qt
         covered[max(y0, 0) : max(y0 + 12, 0), max(x0, 0) : max(x0 + 12, 0)] = True
     assert not hl[~covered].any()
     assert f"{IMAGE} selected cells" in viewer.layers
-    assert f"{IMAGE} attention" in viewer.layers  # the sample store has attention maps
-    att = np.asarray(viewer.layers[f"{IMAGE} attention"].data)
+    name = f"{IMAGE} attention (selected cells)"
+    assert name in viewer.layers  # the sample store has attention maps
+    att = np.asarray(viewer.layers[name].data)
     assert att.max() <= 1.0 and att.max() > 0
 
 
@@ -174,14 +176,18 @@ def test_gui_thread_stays_responsive_while_a_store_is_analysed(viewer, qtbot, tm
     from napari_maeprobe._napari.explorer_widget import ExplorerWidget
 
     widget = ExplorerWidget(viewer)
+    qtbot.addWidget(widget)
+    with qtbot.waitSignal(widget.not_analysed, timeout=60_000):
+        widget.load(store, "channel")  # not analysed: nothing starts by itself
     ticks: list[float] = []
     timer = QTimer()
     timer.setInterval(10)
     timer.timeout.connect(lambda: ticks.append(time.perf_counter()))
     timer.start()
-    with qtbot.waitSignal(widget.loaded, timeout=180_000):
-        widget.load(store, "channel")  # analyses both levels (PCA, UMAP, Leiden) in a worker
+    with qtbot.waitSignal(widget.loaded, timeout=300_000):
+        widget.start_analysis()  # both levels (PCA, UMAP, Leiden) in the analysis process
     timer.stop()
+    widget.shutdown()
     gaps = np.diff(ticks) * 1000
     print(f"longest GUI event-loop gap while analysing: {gaps.max():.0f} ms "
           f"(median {np.median(gaps):.0f} ms, {len(gaps)} ticks)")  # fmt: skip

@@ -557,6 +557,9 @@ def cmd_export(args) -> int:
     path = export_store(args.store, args.format, args.out, args.level,
                         allow_incomplete=args.allow_incomplete)  # fmt: skip
     print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")
+    left_out = getattr(path, "left_out", lambda: None)()
+    if left_out:
+        print(left_out)
     return 0
 
 

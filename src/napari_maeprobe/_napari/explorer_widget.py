@@ -1,140 +1,313 @@
-"""The linked embedding explorer: scatter <-> image layers, diagnostics and export, in one dock.
+"""The linked embedding explorer: scatter <-> image layers, a gallery of what the model saw,
+analysis, diagnostics and export, in one dock.
 
-Thin over :mod:`napari_maeprobe.pl.linking` (rows <-> pixels), :mod:`.diagnostics` and
-:mod:`.export`; the observation table of the loaded level is the single source of truth.
-Long work (loading, analysing, diagnosing a selection) runs in napari thread workers.
+Thin over :mod:`napari_maeprobe.pl.linking` (rows <-> pixels), :mod:`.pl.overlays` (what a
+selection draws), :mod:`.pl.gallery` (per-cell tiles), :mod:`.tl.analysis_process` (the
+long-lived analysis worker), :mod:`.diagnostics` and :mod:`.export`; the observation table of the
+loaded level is the single source of truth.
+
+The GUI thread never waits: loads, selection overlays and gallery tiles are computed in thread
+workers and only finished arrays reach the layers; every request carries a token, so the last
+request wins and a late answer to an older one is dropped. Analysis runs in one child process
+per explorer that lives for the session (numba compiles once), reports its stages and can be
+cancelled; closing the dock or the viewer ends it.
 """
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from qtpy.QtCore import Qt, Signal
+from qtpy.QtCore import QEvent, Qt, QTimer, Signal
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
+    QDoubleSpinBox,
     QFileDialog,
     QFormLayout,
+    QGridLayout,
     QHBoxLayout,
     QLabel,
+    QMenu,
     QProgressBar,
     QPushButton,
     QScrollArea,
+    QSizePolicy,
     QSlider,
+    QSpinBox,
+    QSplitter,
     QTableWidget,
     QTableWidgetItem,
     QTabWidget,
+    QToolButton,
     QVBoxLayout,
     QWidget,
 )
 
+from napari_maeprobe._napari.gallery_widget import GalleryWidget
 from napari_maeprobe._napari.hub import hub_for
+from napari_maeprobe._napari.layers import OVERLAY_KEY, is_overlay
 from napari_maeprobe._napari.scatter import LegendWidget, ScatterCanvas
 from napari_maeprobe.errors import MaeprobeInputError
 from napari_maeprobe.pl.linking import (
     ExplorerData,
     available_levels,
-    cell_outlines,
-    highlight_image,
     load_level,
-    paste_cells,
     rows_at,
-    selected_cells,
 )
 
 ALL = "(all)"
+NONE = "(none)"
+
+#: overlay colours on the image: none of them is the segmentation layers' (yellow boundaries,
+#: random label colours at half opacity)
+PATCH_COLOUR = (0.0, 0.9, 1.0, 1.0)  # cyan fill: selected patches
+CELL_COLOUR = (1.0, 1.0, 1.0, 1.0)  # white outlines: the selected cells
+OVERLAY_NAMES = {
+    "selected patches": "selected patches",
+    "selected cells": "selected cells",
+    "attention": "attention (selected cells)",
+}
 
 
-def _label_colours(rgba: tuple[float, float, float, float]):
+def _label_colours(rgba: tuple[float, float, float, float], default: bool = False):
+    """A colormap drawing label 1 (or, with ``default``, every label) in one colour."""
     from napari.utils.colormaps import DirectLabelColormap
 
-    return DirectLabelColormap(color_dict={None: (0, 0, 0, 0), 0: (0, 0, 0, 0), 1: rgba})
+    colours = {None: rgba if default else (0, 0, 0, 0), 0: (0, 0, 0, 0)}
+    if not default:
+        colours[1] = rgba
+    return DirectLabelColormap(color_dict=colours)
 
 
-PATCH_COLOUR = (0.0, 0.9, 1.0, 1.0)  # cyan: selected patches
-OUTLINE_COLOUR = (1.0, 0.95, 0.0, 1.0)  # yellow: outlines of the selected cells
-
-
-def _error(exc: BaseException) -> None:
+def _error(exc: BaseException | str) -> None:
     from napari.utils.notifications import show_error
 
     show_error(f"maeprobe: {exc}")
 
 
+def _scroll(widget: QWidget) -> QScrollArea:
+    """A tab page that scrolls instead of growing the dock past the screen."""
+    area = QScrollArea()
+    area.setWidget(widget)
+    area.setWidgetResizable(True)
+    area.setFrameShape(QScrollArea.Shape.NoFrame)
+    return area
+
+
+class _Resources:
+    """What must end with the explorer (its analysis process, its thread workers); held apart
+    from the widget so a closed dock or viewer can end them after the widget is gone."""
+
+    def __init__(self) -> None:
+        self.analysis = None  # tl.analysis_process.AnalysisProcess, started on first use
+        self.workers: set = set()
+        self.closed = False
+
+    def shutdown(self, *_) -> None:
+        self.closed = True
+        for worker in list(self.workers):
+            try:
+                worker.quit()
+            except RuntimeError:
+                pass
+        if self.analysis is not None:
+            self.analysis.close()
+            self.analysis = None
+
+
 class ExplorerWidget(QWidget):
-    """Scatter of one level's UMAP/PCA, linked both ways to the image layers."""
+    """Scatter of one level's UMAP/PCA, linked both ways to the image layers and a gallery."""
 
     loaded = Signal(object)  # ExplorerData
+    not_analysed = Signal(object)  # the store path, when the asked level has no UMAP/PCA yet
     layers_updated = Signal()  # after a selection was drawn on the images
+    gallery_updated = Signal()  # after the gallery shows a new page
     diagnostics_ready = Signal(object)  # DriversReport
+    analysis_finished = Signal(str)  # "done", "cancelled" or "error"
 
     def __init__(self, viewer, parent: QWidget | None = None) -> None:
         super().__init__(parent)
         self.viewer = viewer
         self.data: ExplorerData | None = None
         self.path: Path | None = None
-        self._worker = None
-        self._labels_cache: dict[str, np.ndarray] = {}
+        self._res = _Resources()
+        self._tokens = {"load": 0, "selection": 0, "gallery": 0, "task": 0}
+        self._labels_cache: dict[str, np.ndarray | None] = {}
+        self._selected = np.zeros(0, dtype=np.int64)
+        self._order: pd.DataFrame | None = None  # the gallery's cell order of the selection
+        self._order_key: tuple | None = None
+        self._analysis_job: int | None = None
+        self._docked = False
         self.last_clicked: np.ndarray = np.zeros(0, dtype=np.int64)
         self.drivers = None  # the DriversReport the diagnostics tab shows
         self.comparison: dict | None = None  # the last batch-versus-biology result
+        self.embedded = 0  # rows of the loaded level with an embedding
+        self._build_ui()
+        self._connect()
+        hub = hub_for(viewer)
+        hub.store_ready.connect(self.load)
+        viewer.mouse_drag_callbacks.append(self._on_viewer_click)
+        res = self._res  # a closure, not a bound method: it must outlive the widget
+        self.destroyed.connect(lambda *_: res.shutdown())
+        if hub.last_store is not None:
+            self.load(hub.last_store)
 
-        self.source_label = QLabel("no embeddings loaded")
-        self.open_button = QPushButton("Open store / .h5ad...")
+    # ------------------------------------------------------------------ UI
+    def _build_ui(self) -> None:
+        self.source_label = QLabel("no embeddings loaded: open a store or embed an image")
+        self.source_label.setWordWrap(True)
+        self.source_label.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
+        self.open_button = QToolButton()
+        self.open_button.setText("Open...")
+        self.open_button.setPopupMode(QToolButton.ToolButtonPopupMode.InstantPopup)
+        menu = QMenu(self.open_button)
+        self.open_store_action = menu.addAction("Embedding store folder (.zarr)...")
+        self.open_h5ad_action = menu.addAction("Exported table (.h5ad)...")
+        self.open_button.setMenu(menu)
         self.level = QComboBox()
         self.coords = QComboBox()
         self.colour = QComboBox()
+        self.tool = QComboBox()
+        self.tool.addItems(["pan", "lasso", "rect"])
+        self.tool.setToolTip("pan: drag to move, click a point to pick its cluster; lasso / "
+                             "rect: draw to select (Shift adds)")  # fmt: skip
+        self.clear_button = QPushButton("Clear")
+        self.clear_button.setToolTip("clear the selection (and its overlays on the image)")
+        self.stage = QLabel("")
+        self.stage.setWordWrap(True)
+        self.progress = QProgressBar()
+        self.progress.setVisible(False)
+        self.progress.setMaximumHeight(14)
+        self.progress.setTextVisible(False)
+        self.scatter = ScatterCanvas()
+        self.scatter.setMinimumHeight(220)
+        self.legend = LegendWidget(self.scatter)  # follows the scatter's colours and filters
+        self.legend.setMaximumHeight(130)
+
+        controls = QGridLayout()
+        controls.setContentsMargins(0, 0, 0, 0)
+        for col, (text, w) in enumerate((("level", self.level), ("coordinates", self.coords))):
+            controls.addWidget(QLabel(text), 0, 2 * col)
+            controls.addWidget(w, 0, 2 * col + 1)
+        controls.addWidget(QLabel("colour by"), 1, 0)
+        controls.addWidget(self.colour, 1, 1)
+        controls.addWidget(QLabel("tool"), 1, 2)
+        tool_row = QHBoxLayout()
+        tool_row.addWidget(self.tool, 1)
+        tool_row.addWidget(self.clear_button)
+        controls.addLayout(tool_row, 1, 3)
+        controls.setColumnStretch(1, 1)
+        controls.setColumnStretch(3, 1)
+
+        # the view tab: how points are drawn and which are shown
         self.size = QSlider(Qt.Orientation.Horizontal)
         self.size.setRange(1, 20)
         self.size.setValue(4)
         self.opacity = QSlider(Qt.Orientation.Horizontal)
         self.opacity.setRange(5, 100)
         self.opacity.setValue(80)
-        self.tool = QComboBox()
-        self.tool.addItems(["pan", "lasso", "rect"])
         self.foreground = QCheckBox("foreground patches")
         self.central = QCheckBox("central patches")
         self.channel = QComboBox()
         self.dataset = QComboBox()
-        self.progress = QProgressBar()
-        self.progress.setVisible(False)
-        self.scatter = ScatterCanvas()
-        self.legend = LegendWidget()
-
-        form = QFormLayout()
-        form.addRow("level", self.level)
-        form.addRow("coordinates", self.coords)
-        form.addRow("colour by", self.colour)
-        form.addRow("point size", self.size)
-        form.addRow("opacity", self.opacity)
-        form.addRow("tool", self.tool)
+        self.attention_check = QCheckBox("attention of the selected cells on the image")
+        self.attention_check.setToolTip(
+            "each selected cell's attention map, smooth and normalised per cell, drawn on the "
+            "cell only (needs attention maps: tick them in the Embed dock)"
+        )
+        view = QWidget()
+        vf = QFormLayout(view)
+        vf.addRow("point size", self.size)
+        vf.addRow("opacity", self.opacity)
         filters = QHBoxLayout()
         filters.addWidget(self.foreground)
         filters.addWidget(self.central)
-        form.addRow("filters", filters)
-        form.addRow("channel", self.channel)
-        form.addRow("dataset", self.dataset)
+        vf.addRow("filters", filters)
+        vf.addRow("channel", self.channel)
+        vf.addRow("dataset", self.dataset)
+        vf.addRow(self.attention_check)
+
+        # gallery tab
+        self.gallery = GalleryWidget()
+
+        # analyse tab
+        self.analyse_levels = QWidget()
+        self._level_boxes: dict[str, QCheckBox] = {}
+        QHBoxLayout(self.analyse_levels).setContentsMargins(0, 0, 0, 0)
+        self.an_foreground = QCheckBox("foreground patches only")
+        self.an_central = QCheckBox("central patches only")
+        self.an_pcs = QSpinBox()
+        self.an_pcs.setRange(2, 200)
+        self.an_pcs.setValue(50)
+        self.an_neighbors = QSpinBox()
+        self.an_neighbors.setRange(2, 200)
+        self.an_neighbors.setValue(15)
+        self.an_min_dist = QDoubleSpinBox()
+        self.an_min_dist.setRange(0.0, 1.0)
+        self.an_min_dist.setSingleStep(0.05)
+        self.an_min_dist.setValue(0.1)
+        self.an_umap_fit = QSpinBox()
+        self.an_umap_fit.setRange(1_000, 1_000_000)
+        self.an_umap_fit.setSingleStep(5_000)
+        self.an_umap_fit.setValue(20_000)
+        self.an_umap_fit.setToolTip("UMAP is fitted on a sample this big; the other rows are "
+                                    "placed by the fitted map")  # fmt: skip
+        self.an_resolution = QDoubleSpinBox()
+        self.an_resolution.setRange(0.05, 10.0)
+        self.an_resolution.setSingleStep(0.1)
+        self.an_resolution.setValue(1.0)
+        self.an_max_rows = QSpinBox()
+        self.an_max_rows.setRange(0, 50_000_000)
+        self.an_max_rows.setSingleStep(10_000)
+        self.an_max_rows.setSpecialValueText("all")
+        self.an_condition = QComboBox()
+        self.an_batch = QComboBox()
+        self.an_control = QComboBox()
+        self.analyse_button = QPushButton("Analyse")
+        self.cancel_analysis_button = QPushButton("Cancel")
+        self.cancel_analysis_button.setEnabled(False)
+        an = QWidget()
+        af = QFormLayout(an)
+        af.addRow("levels", self.analyse_levels)
+        an_filters = QHBoxLayout()
+        an_filters.addWidget(self.an_foreground)
+        an_filters.addWidget(self.an_central)
+        af.addRow("filters", an_filters)
+        af.addRow("PCA components", self.an_pcs)
+        af.addRow("UMAP neighbours", self.an_neighbors)
+        af.addRow("UMAP min. distance", self.an_min_dist)
+        af.addRow("UMAP fitted on", self.an_umap_fit)
+        af.addRow("Leiden resolution", self.an_resolution)
+        af.addRow("at most rows", self.an_max_rows)
+        af.addRow("condition", self.an_condition)
+        af.addRow("control", self.an_control)
+        af.addRow("batch", self.an_batch)
+        buttons = QHBoxLayout()
+        buttons.addWidget(self.analyse_button)
+        buttons.addWidget(self.cancel_analysis_button)
+        af.addRow(buttons)
 
         # diagnostics tab
         self.verdict = QLabel("")
         self.verdict.setWordWrap(True)
+        self.context = QLabel("")  # normalisation, channel content: what the verdict cannot see
+        self.context.setWordWrap(True)
         self.table = QTableWidget()
+        self.table.setMinimumHeight(120)
         self.diagnose_button = QPushButton("What drives the selection?")
         self.recolour_button = QPushButton("Colour by top column")
         diag = QWidget()
         dl = QVBoxLayout(diag)
         dl.addWidget(self.verdict)
-        dl.addWidget(self.table)
+        dl.addWidget(self.context)
+        dl.addWidget(self.table, 1)
         row = QHBoxLayout()
         row.addWidget(self.diagnose_button)
         row.addWidget(self.recolour_button)
         dl.addLayout(row)
-
-        self.context = QLabel("")  # normalisation, channel content: what the verdict cannot see
-        self.context.setWordWrap(True)
-        dl.insertWidget(1, self.context)
 
         # batch versus biology tab
         self.condition_combo = QComboBox()
@@ -157,10 +330,7 @@ class ExplorerWidget(QWidget):
         bl.addRow("control", self.control_combo)
         bl.addRow("batch", self.batch_combo)
         bl.addRow(self.compare_button)
-        result_box = QScrollArea()  # the line and its table scroll, the controls stay put
-        result_box.setWidget(self.compare_result)
-        result_box.setWidgetResizable(True)
-        bl.addRow(result_box)
+        bl.addRow(self.compare_result)
 
         # export tab
         self.export_format = QComboBox()
@@ -176,38 +346,63 @@ class ExplorerWidget(QWidget):
         el.addRow(self.save_plot_button)
 
         self.tabs = tabs = QTabWidget()
-        tabs.addTab(diag, "Diagnostics")
-        tabs.addTab(bio, "Batch vs biology")
-        tabs.addTab(exp, "Export")
+        self.gallery_tab = self.gallery
+        self.analyse_tab = _scroll(an)
+        self.diagnostics_tab = _scroll(diag)
+        self.biology_tab = _scroll(bio)
+        tabs.addTab(self.gallery_tab, "Gallery")
+        tabs.addTab(self.diagnostics_tab, "Diagnostics")
+        tabs.addTab(self.biology_tab, "Batch vs biology")
+        tabs.addTab(self.analyse_tab, "Analyse")
+        tabs.addTab(_scroll(view), "View")
+        tabs.addTab(_scroll(exp), "Export")
+        tabs.setMinimumHeight(160)
+
+        top_pane = QWidget()
+        tl = QVBoxLayout(top_pane)
+        tl.setContentsMargins(0, 0, 0, 0)
+        tl.addWidget(self.scatter, 1)
+        tl.addWidget(self.legend)
+        self.splitter = QSplitter(Qt.Orientation.Vertical)
+        self.splitter.addWidget(top_pane)
+        self.splitter.addWidget(tabs)
+        self.splitter.setStretchFactor(0, 1)
+        self.splitter.setStretchFactor(1, 1)
+        self.splitter.setChildrenCollapsible(False)
 
         layout = QVBoxLayout(self)
-        top = QHBoxLayout()
-        top.addWidget(self.source_label, 1)
-        top.addWidget(self.open_button)
-        layout.addLayout(top)
-        layout.addLayout(form)
+        layout.setContentsMargins(4, 4, 4, 4)
+        header = QHBoxLayout()
+        header.addWidget(self.source_label, 1)
+        header.addWidget(self.open_button)
+        layout.addLayout(header)
+        layout.addLayout(controls)
+        layout.addWidget(self.stage)
         layout.addWidget(self.progress)
-        self.scatter.setMinimumHeight(320)
-        legend_box = QScrollArea()
-        legend_box.setWidget(self.legend)
-        legend_box.setWidgetResizable(True)
-        legend_box.setMaximumHeight(110)
-        layout.addWidget(self.scatter, 3)
-        layout.addWidget(legend_box)
-        layout.addWidget(tabs, 1)
+        layout.addWidget(self.splitter, 1)
+        self.setMinimumWidth(380)
 
-        self.open_button.clicked.connect(self._ask_open)
+    def _connect(self) -> None:
+        self.open_store_action.triggered.connect(self._ask_open_store)
+        self.open_h5ad_action.triggered.connect(self._ask_open_h5ad)
         self.level.currentTextChanged.connect(self._level_changed)
         self.coords.currentTextChanged.connect(self._coords_changed)
         self.colour.currentTextChanged.connect(self._colour_changed)
         self.size.valueChanged.connect(lambda v: self.scatter.set_point_size(float(v)))
         self.opacity.valueChanged.connect(lambda v: self.scatter.set_opacity(v / 100.0))
         self.tool.currentTextChanged.connect(self.scatter.set_tool)
+        self.clear_button.clicked.connect(self.clear_selection)
         for box in (self.foreground, self.central):
             box.toggled.connect(self._filters_changed)
         for combo in (self.channel, self.dataset):
             combo.currentTextChanged.connect(self._filters_changed)
+        self.attention_check.toggled.connect(lambda _: self.show_selection(self._selected))
         self.scatter.selection_changed.connect(self._selection_changed)
+        self.gallery.page_requested.connect(self._gallery_page)
+        self.gallery.cell_clicked.connect(self.centre_on_tile)
+        self.analyse_button.clicked.connect(self.start_analysis)
+        self.cancel_analysis_button.clicked.connect(self.cancel_analysis)
+        self.an_condition.currentTextChanged.connect(self._analysis_condition_changed)
         self.diagnose_button.clicked.connect(self.diagnose_selection)
         self.recolour_button.clicked.connect(self.colour_by_top_column)
         self.compare_button.clicked.connect(self.compare_condition_batch)
@@ -215,74 +410,167 @@ class ExplorerWidget(QWidget):
         self.export_all_button.clicked.connect(lambda: self._ask_export(False))
         self.export_selection_button.clicked.connect(lambda: self._ask_export(True))
         self.save_plot_button.clicked.connect(self._ask_save_plot)
-        hub = hub_for(viewer)
-        hub.store_ready.connect(self.load)
-        viewer.mouse_drag_callbacks.append(self._on_viewer_click)
-        if hub.last_store is not None:
-            self.load(hub.last_store)
+        self._poll = QTimer(self)
+        self._poll.setInterval(150)
+        self._poll.timeout.connect(self._poll_analysis)
+
+    # ------------------------------------------------------------------ workers
+    def _start(self, kind: str, fn, on_done, busy: str | None = None, on_error=None) -> int:
+        """Run ``fn()`` in a thread worker; ``on_done(result)`` runs on the GUI thread only if
+        no newer request of the same ``kind`` was made meanwhile (the last request wins)."""
+        from napari.qt.threading import create_worker
+
+        self._tokens[kind] += 1
+        token = self._tokens[kind]
+        res = self._res
+
+        def current() -> bool:
+            return not res.closed and self._tokens.get(kind) == token
+
+        def done(result) -> None:
+            if current():
+                on_done(result)
+
+        def failed(exc) -> None:
+            if current():
+                (on_error or _error)(exc)
+
+        def finished() -> None:
+            res.workers.discard(worker)
+            if busy is not None and current():
+                self._busy(None)
+
+        worker = create_worker(fn, _start_thread=False, _ignore_errors=True)
+        worker.returned.connect(done)
+        worker.errored.connect(failed)
+        worker.finished.connect(finished)
+        res.workers.add(worker)
+        if busy is not None:
+            self._busy(busy)
+        worker.start()
+        return token
+
+    def _busy(self, text: str | None, done: int = 0, total: int = 0) -> None:
+        """Stage text and a bar under the controls (``None``: idle)."""
+        if text is None:
+            self.progress.setVisible(False)
+            self.stage.setText("")
+            return
+        self.stage.setText(text)
+        self.progress.setVisible(True)
+        self.progress.setRange(0, total if total > 0 else 0)
+        if total > 0:
+            self.progress.setValue(min(done, total))
 
     # ------------------------------------------------------------------ loading
-    def _ask_open(self) -> None:
-        path = QFileDialog.getExistingDirectory(self, "Open an embedding store (.zarr)")
-        if not path:
-            path, _ = QFileDialog.getOpenFileName(self, "Open an .h5ad", "", "AnnData (*.h5ad)")
+    def _ask_open_store(self) -> None:
+        path = QFileDialog.getExistingDirectory(self, "Open an embedding store (.zarr folder)")
+        if path:
+            self.load(path)
+
+    def _ask_open_h5ad(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "Open an exported table", "",
+                                              "AnnData (*.h5ad)")  # fmt: skip
         if path:
             self.load(path)
 
     def load(self, path, level: str | None = None) -> None:
-        """Load a store (analysing it first when it has no UMAP yet) or an ``.h5ad``, in a
-        worker thread; the scatter fills in when it is done (``loaded`` is emitted)."""
-        from napari.qt.threading import thread_worker
-
+        """Open a store (``.zarr``) or an ``.h5ad`` in a worker thread: the scatter fills in
+        when it is read (``loaded``). A level without UMAP/PCA yet is not analysed by itself:
+        the Analyse tab opens with its settings (``not_analysed``)."""
         path = Path(path)
-        levels = available_levels(path)
-        if not levels:
-            _error(ValueError(f"{path} holds no embeddings"))
-            return
-        level = level or ("patch" if "patch" in levels else levels[0])
         self.path = path
+        self._cancel_selection_work()
+        visible = list(self._image_layers())
 
-        @thread_worker
         def work():
-            if path.suffix != ".h5ad":
+            levels = available_levels(path)
+            if not levels:
+                raise MaeprobeInputError(
+                    f"{path.name} holds no embeddings yet",
+                    "embed an image into it (Embed dock) or open another store",
+                )
+            if path.suffix == ".h5ad":
+                analysed = levels
+            else:
+                from napari_maeprobe.embed.store import EmbeddingStore
+
+                analysed = [lvl for lvl in levels if lvl in EmbeddingStore(path).analysed_levels()]
+            want = level or ("patch" if "patch" in analysed else (analysed or levels)[0])
+            if want not in analysed:
                 from napari_maeprobe.embed.store import EmbeddingStore
 
                 store = EmbeddingStore(path)
-                missing = [lvl for lvl in levels if lvl not in store.analysed_levels()]
-                if missing:
-                    yield ("analysing", 0, len(missing))
-                    yield from _analyse_in_subprocess(path, missing)
-            yield ("loading", 0, 1)
-            return load_level(path, level)
+                obs = store.read_obs("global" if "global" in levels else want)
+                return {"levels": levels, "analysed": analysed, "level": want, "obs": obs}
+            data = load_level(path, want)
+            labels = {name: _read_labels(data, name) for name in visible}
+            valid = np.isfinite(data.adata.X).all(axis=1) if data.adata.X is not None else None
+            embedded = None if valid is None else int(valid.sum())
+            return {"levels": levels, "analysed": analysed, "level": want, "data": data,
+                    "labels": labels, "embedded": embedded}  # fmt: skip
 
-        self._run(work(), self._show, busy="loading")
+        self._start("load", work, self._loaded, busy=f"opening {path.name}...")
+
+    def _loaded(self, result: dict) -> None:
+        self._set_levels(result["levels"], result["analysed"], result["level"])
+        if "data" not in result:
+            self._show_unanalysed(result)
+            return
+        self._labels_cache = {k: v for k, v in result["labels"].items() if v is not None}
+        self.load_data(result["data"], embedded=result.get("embedded"))
+
+    def _set_levels(self, levels: list[str], analysed: list[str], current: str) -> None:
         self.level.blockSignals(True)
         self.level.clear()
-        self.level.addItems(levels)
-        self.level.setCurrentText(level)
+        for lvl in levels:
+            self.level.addItem(lvl if lvl in analysed else f"{lvl} (not analysed)", lvl)
+        self.level.setCurrentIndex(max(0, levels.index(current) if current in levels else 0))
         self.level.blockSignals(False)
+        layout = self.analyse_levels.layout()
+        for box in self._level_boxes.values():
+            layout.removeWidget(box)
+            box.deleteLater()
+        self._level_boxes = {}
+        for lvl in levels:
+            box = QCheckBox(lvl)
+            box.setChecked(lvl not in analysed or lvl == current)
+            layout.addWidget(box)
+            self._level_boxes[lvl] = box
 
-    def _run(self, worker, on_done, busy: str) -> None:
-        self.progress.setVisible(True)
-        self.progress.setRange(0, 0)
-        self.progress.setFormat(busy)
-        if hasattr(worker.signals, "yielded"):  # generator workers report their stage
-            worker.yielded.connect(lambda msg: self.progress.setFormat(f"{msg[0]}..."))
-        worker.returned.connect(on_done)
-        worker.errored.connect(_error)
-        worker.finished.connect(lambda: self.progress.setVisible(False))
-        self._worker = worker
-        worker.start()
+    def _show_unanalysed(self, result: dict) -> None:
+        """A store whose level has no UMAP/PCA yet: say so and offer the Analyse tab."""
+        self.data = None
+        self.scatter.set_data(np.zeros((0, 2), dtype=np.float32), pd.DataFrame())
+        self._clear_overlays()
+        self.gallery.clear()
+        name = self.path.name if self.path is not None else "store"
+        self.source_label.setText(
+            f"<b>{name}</b>: the {result['level']} level is not analysed yet. Pick the "
+            "settings in the Analyse tab and press Analyse."
+        )
+        self._fill_analysis_columns(result["obs"])
+        self.tabs.setCurrentWidget(self.analyse_tab)
+        self.not_analysed.emit(self.path)
 
-    def _show(self, data: ExplorerData) -> None:
-        self.load_data(data)
-
-    def load_data(self, data: ExplorerData) -> None:
+    def load_data(self, data: ExplorerData, embedded: int | None = None) -> None:
         """Show an already loaded level (the same as :meth:`load` without the worker)."""
+        self._cancel_selection_work()
+        self._clear_overlays()
         self.data = data
-        self._labels_cache.clear()
-        name = data.source.name if data.source is not None else "table"
-        self.source_label.setText(f"{name}: {data.level}, {data.n:,} rows")
+        self._selected = np.zeros(0, dtype=np.int64)
+        self.last_clicked = np.zeros(0, dtype=np.int64)
+        self.gallery.clear()
+        if embedded is None:
+            x = data.adata.X
+            embedded = data.n if x is None else int(np.isfinite(np.asarray(x)).all(axis=1).sum())
+        self.embedded = embedded
+        self.source_label.setText(self._header(data, embedded))
+        self.source_label.setToolTip(
+            "Masked patches were hidden from the encoder (masking for reconstructions), so they "
+            "have no embedding and no point; the gallery shows them as grey patches."
+            if embedded < data.n else ""
+        )  # fmt: skip
         for combo, items in (
             (self.coords, list(data.coords)),
             (self.colour, self._colour_columns(data.obs)),
@@ -299,12 +587,34 @@ class ExplorerWidget(QWidget):
         self.colour.blockSignals(False)
         self.scatter.set_data(data.coords[self.coords.currentText()], data.obs)
         self.scatter.colour_by(self.colour.currentText())
-        self.legend.set_entries(self.scatter.legend())
+        self._label_scatter()
         self._filters_changed()
         self._show_drivers(data.drivers)
         self._show_context(data)
         self._fill_condition_batch(data.obs)
+        self._fill_analysis_columns(data.obs)
+        if self.tabs.currentWidget() is self.analyse_tab:
+            self.tabs.setCurrentWidget(self.gallery_tab)
         self.loaded.emit(data)
+
+    @staticmethod
+    def _header(data: ExplorerData, embedded: int) -> str:
+        """The source, level and row counts; masked rows (no embedding) counted apart."""
+        name = data.source.name if data.source is not None else "table"
+        text = f"<b>{name}</b>: {data.level} level, {data.n:,} rows"
+        if embedded < data.n:
+            text += (f" ({embedded:,} embedded and plotted; {data.n - embedded:,} masked "
+                     "patches have no embedding)")  # fmt: skip
+        return text
+
+    def _label_scatter(self) -> None:
+        """Axis names and title of saved figures (when the scatter supports them)."""
+        data = self.data
+        set_labels = getattr(self.scatter, "set_labels", None)
+        if data is None or set_labels is None:
+            return
+        name = data.source.name if data.source is not None else "table"
+        set_labels(f"{name}: {data.level} level", self.coords.currentText())
 
     @staticmethod
     def _values(obs: pd.DataFrame, col: str) -> list[str]:
@@ -317,7 +627,8 @@ class ExplorerWidget(QWidget):
         skip = {"level", "analysed"}
         return [c for c in obs.columns if c not in skip and obs[c].nunique(dropna=True) > 1]
 
-    def _level_changed(self, level: str) -> None:
+    def _level_changed(self, _text: str) -> None:
+        level = self.level.currentData() or _text
         if self.path is not None and level and (self.data is None or level != self.data.level):
             self.load(self.path, level)
 
@@ -326,6 +637,7 @@ class ExplorerWidget(QWidget):
             selected = self.scatter.selected()
             self.scatter.set_data(self.data.coords[name], self.data.obs)
             self.scatter.colour_by(self.colour.currentText())
+            self._label_scatter()
             self._filters_changed()
             if len(selected):
                 self.scatter.select(selected)
@@ -333,7 +645,6 @@ class ExplorerWidget(QWidget):
     def _colour_changed(self, column: str) -> None:
         if self.data is not None and column:
             self.scatter.colour_by(column)
-            self.legend.set_entries(self.scatter.legend())
 
     def _filters_changed(self, *_) -> None:
         if self.data is None:
@@ -352,24 +663,22 @@ class ExplorerWidget(QWidget):
 
     # ------------------------------------------------------------------ scatter -> image
     def _image_layers(self) -> dict[str, object]:
-        """Image name -> one of its image layers in the viewer (for shape, scale, translate)."""
+        """Image name -> one of its image layers in the viewer (for shape, scale, translate);
+        the explorer's own overlays are never images."""
         out = {}
         for layer in self.viewer.layers:
-            if layer.__class__.__name__ != "Image":
+            if layer.__class__.__name__ != "Image" or is_overlay(layer):
                 continue
             name = layer.metadata.get("maeprobe_image", layer.name)
             out.setdefault(str(name), layer)
         return out
 
     def _labels_of(self, image: str) -> np.ndarray | None:
+        """The cells of an image: the store's labels, else a ``<image> cells`` layer (cached;
+        the store is read in the load worker, so the GUI thread only reads the cache)."""
         if image in self._labels_cache:
             return self._labels_cache[image]
-        labels = None
-        data = self.data
-        if data is not None and data.store is not None and image in data.image_index:
-            i = data.image_index[image]
-            if data.store.has_labels(i):
-                labels = data.store.labels(i)
+        labels = _read_labels(self.data, image) if self.data is not None else None
         if labels is None:
             for layer in self.viewer.layers:
                 if layer.__class__.__name__ == "Labels" and layer.name == f"{image} cells":
@@ -377,60 +686,214 @@ class ExplorerWidget(QWidget):
         self._labels_cache[image] = labels
         return labels
 
-    def _put_layer(self, name: str, data: np.ndarray, kind: str, like, **kwargs) -> None:
-        kw = {"scale": like.scale, "translate": like.translate}
-        if name in self.viewer.layers:
-            layer = self.viewer.layers[name]
-            layer.data = data
-            return
-        if kind == "labels":
-            self.viewer.add_labels(data, name=name, **kw, **kwargs)
-        else:
-            self.viewer.add_image(data, name=name, **kw, **kwargs)
+    def _spatial(self, like) -> tuple[tuple[int, ...], tuple, tuple]:
+        """The overlay shape, scale and translate for an image layer: the embedding's spatial
+        axes (a 2D embedding of a z-stack is drawn on every plane)."""
+        nd = len(self.data.patch_size) if self.data is not None else 2
+        nd = min(nd, like.ndim)
+        return (tuple(like.data.shape[-nd:]), tuple(like.scale[-nd:]),
+                tuple(like.translate[-nd:]))  # fmt: skip
+
+    def _overlay_layers(self) -> list:
+        return [ly for ly in self.viewer.layers if is_overlay(ly)]
+
+    def _clear_overlays(self) -> None:
+        for layer in self._overlay_layers():
+            self.viewer.layers.remove(layer)
+
+    def _cancel_selection_work(self) -> None:
+        for kind in ("selection", "gallery"):
+            self._tokens[kind] += 1
+
+    def clear_selection(self) -> None:
+        """Clear the selection: the scatter, the overlays and the gallery."""
+        self.scatter.select(np.zeros(0, dtype=np.int64))
+        self.show_selection(np.zeros(0, dtype=np.int64))
 
     def _selection_changed(self, rows: np.ndarray) -> None:
         self.show_selection(rows)
 
     def show_selection(self, rows: np.ndarray) -> None:
-        """Draw the selected rows on their images: patch footprints, cell outlines, and the
-        stored attention maps and masked reconstructions (with the mask) of those cells."""
+        """Draw the selected rows on their images (patch footprints, the selected cells'
+        outlines, optionally their attention) and fill the gallery; computed in workers,
+        the last selection wins. An empty selection removes the overlays."""
         data = self.data
-        if data is None:
-            return
         rows = np.asarray(rows, dtype=np.int64)
-        images = self._image_layers()
-        picked = set(data.obs["image"].astype(str).iloc[rows]) if len(rows) else set()
-        for image, like in images.items():
-            if image not in set(data.obs["image"].astype(str).unique()):
+        self._selected = rows
+        if data is None or len(rows) == 0:
+            self._cancel_selection_work()
+            self._clear_overlays()
+            self.gallery.clear()
+            self.layers_updated.emit()
+            self.gallery_updated.emit()
+            return
+        names = set(map(str, data.obs["image"].unique()))
+        images = {name: layer for name, layer in self._image_layers().items() if name in names}
+        specs = {name: self._spatial(like) for name, like in images.items()}
+        fallback = self._label_layers_data(images)
+        attention = self.attention_check.isChecked()
+        cache = self._labels_cache
+
+        def work():
+            from napari_maeprobe.pl.overlays import selection_overlays
+
+            picked = set(data.obs["image"].astype(str).to_numpy()[rows])
+            out = {}
+            for image, (shape, _, _) in specs.items():
+                if image not in picked:
+                    continue
+                labels = cache.get(image)
+                if labels is None:
+                    labels = _read_labels(data, image)
+                    if labels is None:
+                        labels = fallback.get(image)
+                    cache[image] = labels
+                out[image] = selection_overlays(data, rows, image, shape, labels, attention)
+            return out
+
+        self._start("selection", work, lambda out: self._apply_overlays(out, images, specs))
+        self._order = None
+        self._gallery_page(0, -1)
+
+    def _label_layers_data(self, images) -> dict[str, np.ndarray]:
+        """``<image> cells`` layers' arrays (references, read on the GUI thread)."""
+        out = {}
+        for layer in self.viewer.layers:
+            if layer.__class__.__name__ != "Labels" or is_overlay(layer):
                 continue
-            shape = tuple(like.data.shape[-len(data.patch_size) :])
-            labels = self._labels_of(image)
-            if image not in picked:
-                for suffix in ("selected patches", "selected cells"):
-                    name = f"{image} {suffix}"
-                    if name in self.viewer.layers:
-                        self.viewer.layers[name].data = np.zeros(shape, dtype=np.uint8)
-                continue
-            mine = rows[(data.obs["image"].astype(str).iloc[rows] == image).to_numpy()]
-            cell_labels = labels if data.level != "patch" else None
-            hl = highlight_image(data, mine, image, shape, cell_labels)
-            self._put_layer(f"{image} selected patches", hl, "labels", like, opacity=0.45,
-                            colormap=_label_colours(PATCH_COLOUR))  # fmt: skip
-            cells = selected_cells(data, mine)["cell_id"].to_numpy(np.int64)
-            if labels is not None and labels.shape == shape:
-                outlines = cell_outlines(labels, cells)
-                self._put_layer(f"{image} selected cells", outlines, "labels", like,
-                                colormap=_label_colours(OUTLINE_COLOUR))  # fmt: skip
-            for name, kwargs in (
-                ("attention", {"colormap": "inferno", "blending": "additive", "opacity": 0.7}),
-                ("reconstruction", {"colormap": "gray", "blending": "translucent"}),
-                ("mask", {"colormap": "red", "blending": "additive", "opacity": 0.4}),
-            ):
-                img = paste_cells(data, name, image, cells, shape)
-                if img is not None:
-                    self._put_layer(f"{image} {name}", np.nan_to_num(img), "image", like,
-                                    **kwargs)  # fmt: skip
+            for image in images:
+                if layer.name == f"{image} cells":
+                    out[image] = layer.data
+        return out
+
+    def _apply_overlays(self, out: dict, images: dict, specs: dict) -> None:
+        """Hand finished overlay arrays to layers (add, update or remove; nothing computed)."""
+        wanted = set()
+        for image, arrays in out.items():
+            like = images[image]
+            _, scale, translate = specs[image]
+            for kind in ("attention", "selected cells", "selected patches"):
+                if kind not in arrays:
+                    continue
+                name = f"{image} {OVERLAY_NAMES[kind]}"
+                wanted.add(name)
+                self._put_overlay(name, kind, arrays[kind], scale, translate, like)
+        for layer in self._overlay_layers():
+            if layer.name not in wanted:
+                self.viewer.layers.remove(layer)
         self.layers_updated.emit()
+
+    def _put_overlay(self, name, kind, data, scale, translate, like) -> None:
+        layer = self.viewer.layers[name] if name in self.viewer.layers else None
+        if layer is not None and layer.ndim == data.ndim:
+            layer.data = data
+            return
+        if layer is not None:
+            self.viewer.layers.remove(layer)
+        meta = {OVERLAY_KEY: True, "overlay_of": str(like.metadata.get("maeprobe_image", ""))}
+        kw = {"name": name, "scale": scale, "translate": translate, "metadata": meta}
+        if kind == "selected patches":
+            self.viewer.add_labels(data, opacity=0.45, colormap=_label_colours(PATCH_COLOUR), **kw)
+        elif kind == "selected cells":
+            default = data.dtype != np.uint8  # the cells' own ids: one outline per cell
+            colours = _label_colours(CELL_COLOUR, default)
+            layer = self.viewer.add_labels(data, opacity=1.0, colormap=colours, **kw)
+            with warnings.catch_warnings():  # "not displayed during 3D rendering": in 2D it is
+                warnings.simplefilter("ignore", UserWarning)
+                layer.contour = 1
+        else:
+            self.viewer.add_image(data, colormap="inferno", blending="additive", opacity=0.8,
+                                  contrast_limits=(0.0, 1.0), **kw)  # fmt: skip
+
+    # ------------------------------------------------------------------ gallery
+    def _channel_views(self, images: set[str]) -> dict[str, list]:
+        """Each image's visible channel layers as the gallery shows them (references to the
+        pixels, the colour and contrast limits; read on the GUI thread, cheap)."""
+        from napari_maeprobe.pl.gallery import ChannelView
+
+        views: dict[str, list] = {}
+        shown: dict[str, list] = {}
+        for layer in self.viewer.layers:
+            if layer.__class__.__name__ != "Image" or is_overlay(layer) or layer.rgb:
+                continue
+            image = str(layer.metadata.get("maeprobe_image", layer.name))
+            if image not in images:
+                continue
+            colours = np.asarray(layer.colormap.colors)
+            view = ChannelView(
+                name=str(layer.metadata.get("channel", layer.name)),
+                data=layer.data,
+                rgb=tuple(float(v) for v in colours[-1][:3]),
+                limits=tuple(float(v) for v in layer.contrast_limits),
+            )
+            views.setdefault(image, []).append(view)
+            if layer.visible:
+                shown.setdefault(image, []).append(view)
+        return {image: shown.get(image) or v for image, v in views.items()}
+
+    def _gallery_page(self, offset: int, seed: int) -> None:
+        """Compute one page of the gallery in a worker (the last request wins)."""
+        data = self.data
+        rows = self._selected
+        if data is None or len(rows) == 0:
+            self.gallery.clear()
+            return
+        n = self.gallery.per_page.value()
+        names = set(data.obs["image"].astype(str).to_numpy()[rows])
+        channels = self._channel_views(names)
+        fallback = self._label_layers_data(names)
+        facts = data.store.facts if data.store is not None else {}
+        z_index = facts.get("z_index") if facts.get("projection") == "slice" else None
+        key = (id(rows), seed)
+        order = self._order if self._order_key == key else None
+        cache = self._labels_cache
+        self.gallery.set_busy(f"drawing the cells of {len(rows):,} selected rows...")
+
+        def work():
+            from napari_maeprobe.pl.gallery import cell_tiles, order_cells
+
+            ordered = order if order is not None else order_cells(
+                data, rows, seed=None if seed < 0 else seed
+            )  # fmt: skip
+            page = ordered.iloc[offset : offset + n]
+            labels = {}
+            for image in page["image"].astype(str).unique():
+                if image not in cache:
+                    found = _read_labels(data, image)
+                    cache[image] = found if found is not None else fallback.get(image)
+                labels[image] = cache[image]
+            tiles = cell_tiles(data, page, channels, labels, z_index=z_index)
+            return ordered, tiles
+
+        def done(result) -> None:
+            ordered, tiles = result
+            self._order, self._order_key = ordered, key
+            order_text = "most typical first" if seed < 0 else "a random draw"
+            self.gallery.show_tiles(tiles, offset, len(ordered), order_text)
+            self.gallery_updated.emit()
+
+        self._start("gallery", work, done)
+
+    def centre_on_tile(self, index: int) -> None:
+        """Centre the viewer on a gallery cell and light up its points in the scatter."""
+        tiles = self.gallery.tiles
+        if not 0 <= index < len(tiles) or self.data is None:
+            return
+        tile = tiles[index]
+        like = self._image_layers().get(tile.image)
+        if like is not None:
+            centre = np.asarray(tile.centre, dtype=float)
+            nd = len(centre)
+            world = centre * np.asarray(like.scale[-nd:]) + np.asarray(like.translate[-nd:])
+            axes = list(range(self.viewer.dims.ndim - nd, self.viewer.dims.ndim))
+            if nd == 3 and self.viewer.dims.ndisplay == 2:
+                self.viewer.dims.set_point(axes[0], world[0])
+            shown = world[-self.viewer.dims.ndisplay :]
+            self.viewer.camera.center = tuple(float(v) for v in shown)
+        obs = self.data.obs
+        mine = (obs["image"].astype(str) == tile.image) & (obs["cell_id"] == tile.cell_id)
+        rows = np.flatnonzero(mine.fillna(False).to_numpy())
+        self.highlight_rows(rows)
 
     # ------------------------------------------------------------------ image -> scatter
     def _on_viewer_click(self, viewer, event):
@@ -450,9 +913,10 @@ class ExplorerWidget(QWidget):
         """Highlight in the scatter the rows under a world position of the viewer."""
         if self.data is None:
             return np.zeros(0, dtype=np.int64)
+        nd = len(self.data.patch_size)
         for image, layer in self._image_layers().items():
             point = np.asarray(layer.world_to_data(position))
-            shape = layer.data.shape[-len(self.data.patch_size) :]
+            shape = layer.data.shape[-nd:]
             local = point[-len(shape) :]
             if not all(0 <= v < s for v, s in zip(local, shape)):
                 continue
@@ -469,6 +933,174 @@ class ExplorerWidget(QWidget):
         self.last_clicked = rows
         self.scatter.highlight(rows)
         return rows
+
+    # ------------------------------------------------------------------ analysis
+    def _fill_analysis_columns(self, obs: pd.DataFrame) -> None:
+        """Offer the grouping columns for condition and batch (optional) in the Analyse tab."""
+        from napari_maeprobe.schema import column_role
+
+        columns = [c for c in obs.columns
+                   if (isinstance(obs[c].dtype, pd.CategoricalDtype) or obs[c].dtype == object)
+                   and 2 <= obs[c].nunique(dropna=True) <= 200
+                   and column_role(c) not in ("analysis", "channel", "identity")]  # fmt: skip
+        self._analysis_obs = obs
+        for combo in (self.an_condition, self.an_batch):
+            keep = combo.currentText()
+            combo.blockSignals(True)
+            combo.clear()
+            combo.addItems([NONE, *columns])
+            if keep in columns:
+                combo.setCurrentText(keep)
+            combo.blockSignals(False)
+        self._analysis_condition_changed(self.an_condition.currentText())
+
+    def _analysis_condition_changed(self, column: str) -> None:
+        from napari_maeprobe.tl.condition_batch import guess_control
+
+        self.an_control.clear()
+        obs = getattr(self, "_analysis_obs", None)
+        if obs is None or column in ("", NONE) or column not in obs:
+            self.an_control.setEnabled(False)
+            return
+        self.an_control.setEnabled(True)
+        self.an_control.addItems(self._values(obs, column))
+        try:
+            self.an_control.setCurrentText(guess_control(obs[column], None, column))
+        except MaeprobeInputError:
+            pass
+
+    def analysis_settings(self):
+        """The Analyse tab's settings as the library takes them."""
+        from napari_maeprobe.tl.analyze import AnalysisSettings
+
+        def pick(combo: QComboBox) -> str | None:
+            text = combo.currentText()
+            return None if text in ("", NONE) or not combo.isEnabled() else text
+
+        condition = pick(self.an_condition)
+        return AnalysisSettings(
+            foreground=self.an_foreground.isChecked(),
+            central=self.an_central.isChecked(),
+            n_pcs=self.an_pcs.value(),
+            n_neighbors=self.an_neighbors.value(),
+            umap_max_fit=self.an_umap_fit.value(),
+            min_dist=self.an_min_dist.value(),
+            resolution=self.an_resolution.value(),
+            max_rows=self.an_max_rows.value() or None,
+            condition=condition,
+            batch=pick(self.an_batch) if condition else None,
+            control=pick(self.an_control) if condition else None,
+        )
+
+    def start_analysis(self) -> None:
+        """The Analyse button: PCA, UMAP, Leiden and the diagnostics of the ticked levels, in
+        the explorer's analysis process; the stages show under the controls."""
+        if self._analysis_job is not None:
+            return
+        if self.path is None or self.path.suffix == ".h5ad":
+            _error(MaeprobeInputError(
+                "an exported table cannot be re-analysed here",
+                "open its embedding store (.zarr) with Open... to analyse it",
+            ))  # fmt: skip
+            return
+        levels = [lvl for lvl, box in self._level_boxes.items() if box.isChecked()]
+        if not levels:
+            _error(MaeprobeInputError("no level ticked", "tick at least one level to analyse"))
+            return
+        settings = self.analysis_settings()
+        if settings.condition and settings.batch and settings.condition == settings.batch:
+            _error(MaeprobeInputError(
+                "condition and batch are the same column",
+                "pick two different columns, or (none) for batch",
+            ))  # fmt: skip
+            return
+        from napari_maeprobe.tl.analysis_process import AnalysisProcess
+
+        if self._res.analysis is None:
+            self._res.analysis = AnalysisProcess()
+        self._analysis_job = self._res.analysis.submit(self.path, levels, settings)
+        self._analysis_levels = levels
+        self.analyse_button.setEnabled(False)
+        self.cancel_analysis_button.setEnabled(True)
+        self._busy(f"analysing {', '.join(levels)}: starting...")
+        self._poll.start()
+
+    def cancel_analysis(self) -> None:
+        """The Cancel button of the Analyse tab."""
+        if self._analysis_job is None or self._res.analysis is None:
+            return
+        self.stage.setText("cancelling the analysis...")
+        self.cancel_analysis_button.setEnabled(False)
+        self._res.analysis.cancel(self._analysis_job)
+
+    def _poll_analysis(self) -> None:
+        """Read the analysis process's messages (never blocks)."""
+        proc = self._res.analysis
+        if proc is None or self._analysis_job is None:
+            self._poll.stop()
+            return
+        for msg in proc.poll():
+            kind, job = msg[0], msg[1]
+            if job != self._analysis_job:
+                continue
+            if kind == "progress":
+                text, done, total = msg[2], int(msg[3]), int(msg[4])
+                counts = f" ({done:,} / {total:,})" if total > 0 else ""
+                self._busy(f"analysing: {text}{counts}", done, total)
+            elif kind in ("done", "error", "cancelled"):
+                self._analysis_ended(kind, msg[2] if len(msg) > 2 else None)
+
+    def _analysis_ended(self, kind: str, payload) -> None:
+        self._poll.stop()
+        self._analysis_job = None
+        self.analyse_button.setEnabled(True)
+        self.cancel_analysis_button.setEnabled(False)
+        self._busy(None)
+        if kind == "done":
+            level = self.level.currentData() or None
+            self.load(self.path, level)
+        elif kind == "error":
+            _error(str(payload))
+            self.stage.setText("the analysis failed (see the notification)")
+        else:
+            self.stage.setText("analysis cancelled; the store is as it was")
+        self.analysis_finished.emit(kind)
+
+    # ------------------------------------------------------------------ closing
+    def event(self, ev) -> bool:  # noqa: D401 (Qt API)
+        """A dock closed by napari takes this widget out of its parent: end its jobs then."""
+        if ev.type() == QEvent.Type.ParentChange:
+            if self.parent() is not None:
+                if not self._docked:
+                    QTimer.singleShot(0, self._on_docked)
+                self._docked = True
+            elif self._docked:
+                self.shutdown()
+        return super().event(ev)
+
+    def _on_docked(self) -> None:
+        """Once in the window: share the dock area with the other maeprobe docks as tabs, and
+        end the analysis process when the window goes (a closed viewer)."""
+        from napari_maeprobe._napari.hub import arrange_docks
+
+        top = self.window()
+        if top is not self and not getattr(self, "_watching_window", False):
+            res = self._res
+            top.destroyed.connect(lambda *_: res.shutdown())
+            self._watching_window = True
+        arrange_docks(self)
+
+    def shutdown(self) -> None:
+        """End the analysis process and drop pending work (the dock or viewer closed)."""
+        for kind in self._tokens:
+            self._tokens[kind] += 1
+        self._poll.stop()
+        self._analysis_job = None
+        self._res.shutdown()
+
+    def closeEvent(self, event) -> None:  # noqa: N802 (Qt API)
+        self.shutdown()
+        super().closeEvent(event)
 
     # ------------------------------------------------------------------ diagnostics
     def _show_drivers(self, report) -> None:
@@ -553,8 +1185,6 @@ class ExplorerWidget(QWidget):
         """Condition vs control with folds grouped by batch, for the embedding and the
         intensity/shape baseline (tl.condition_batch), on the cells (global level), in a
         worker thread."""
-        from napari.qt.threading import thread_worker
-
         from napari_maeprobe.tl.condition_batch import compare_condition_batch
 
         data = self.data
@@ -567,7 +1197,6 @@ class ExplorerWidget(QWidget):
             _error(ValueError("pick two different columns for condition and batch"))
             return
 
-        @thread_worker
         def work():
             adata = data.adata
             if data.level != "global":
@@ -585,13 +1214,11 @@ class ExplorerWidget(QWidget):
             self.comparison = result
             self.compare_result.setText(_comparison_html(result))
 
-        self._run(work(), done, busy=f"comparing {condition} and {batch}")
+        self._start("task", work, done, busy=f"comparing {condition} and {batch}...")
 
     def diagnose_selection(self) -> None:
         """Rank the metadata columns by how much the current selection (vs the rest) follows
         them, in a worker thread; the table and verdict update when done."""
-        from napari.qt.threading import thread_worker
-
         from napari_maeprobe.tl.diagnostics import what_drives
 
         data = self.data
@@ -601,10 +1228,8 @@ class ExplorerWidget(QWidget):
             return
         selection = np.zeros(data.n, dtype=bool)
         selection[rows] = True
-        valid = np.isfinite(data.X).all(axis=1)
-
-        @thread_worker
         def work():
+            valid = np.isfinite(data.X).all(axis=1)
             obs = data.obs[valid].reset_index(drop=True)
             return what_drives(data.X[valid], obs, selection[valid], labels_name="selection")
 
@@ -612,7 +1237,7 @@ class ExplorerWidget(QWidget):
             self._show_drivers(report)
             self.diagnostics_ready.emit(report)
 
-        self._run(work(), done, busy="diagnosing the selection")
+        self._start("task", work, done, busy="diagnosing the selection...")
 
     def colour_by_top_column(self) -> None:
         """Recolour the scatter by the column that best explains the clusters/selection."""
@@ -655,34 +1280,13 @@ class ExplorerWidget(QWidget):
             self.scatter.export_image(path)
 
 
-def _analyse_in_subprocess(path: Path, levels: list[str]):
-    """Run ``maeprobe analyze`` in a separate process: UMAP's numba compilation and the
-    clustering hold the GIL for seconds, which would freeze the GUI if run in a thread here.
-    Yields while waiting; raises the command's one-line error if it fails."""
-    import subprocess
-    import sys
-    import tempfile
 
-    log = tempfile.TemporaryFile(mode="w+")  # a file, not a pipe: progress bars cannot fill it
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "napari_maeprobe.cli", "analyze", str(path),
-         "--levels", ",".join(levels)],
-        stdout=subprocess.DEVNULL, stderr=log, text=True,
-    )  # fmt: skip
-    try:
-        while proc.poll() is None:
-            try:
-                proc.wait(timeout=0.2)
-            except subprocess.TimeoutExpired:
-                yield ("analysing", 0, len(levels))
-    finally:
-        if proc.poll() is None:  # the worker was quit (widget closed): stop the analysis too
-            proc.kill()
-    log.seek(0)
-    err = [ln for ln in log.read().splitlines() if ln.startswith("maeprobe")]
-    log.close()
-    if proc.returncode != 0:
-        raise RuntimeError(err[-1] if err else f"maeprobe analyze failed ({proc.returncode})")
+def _read_labels(data: ExplorerData | None, image: str) -> np.ndarray | None:
+    """The store's label image of an image (None without a store or labels); any thread."""
+    if data is None or data.store is None or image not in data.image_index:
+        return None
+    i = data.image_index[image]
+    return data.store.labels(i) if data.store.has_labels(i) else None
 
 
 def _comparison_html(result: dict) -> str:

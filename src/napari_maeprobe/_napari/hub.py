@@ -33,3 +33,42 @@ def hub_for(viewer) -> Hub:
     if viewer not in _HUBS:
         _HUBS[viewer] = Hub()
     return _HUBS[viewer]
+
+
+def _dock_of(widget):
+    """The QDockWidget holding ``widget`` (None when it is not docked)."""
+    from qtpy.QtWidgets import QDockWidget
+
+    parent = widget.parentWidget()
+    while parent is not None and not isinstance(parent, QDockWidget):
+        parent = parent.parentWidget()
+    return parent
+
+
+def arrange_docks(widget) -> None:
+    """Stack this plugin's docks of a window as tabs of one dock area and raise ``widget``'s.
+
+    Three docks one above the other need ~1,700 px of height (the window then outgrows a
+    1080p screen and the canvas becomes a strip); as tabs each gets the full height, so the
+    explorer's scatter keeps its size. Docks the user floated are left where they are."""
+    from napari_maeprobe._napari.explorer_widget import ExplorerWidget
+    from napari_maeprobe._napari.widgets import DataWidget, EmbedWidget
+
+    dock = _dock_of(widget)
+    if dock is None or dock.isFloating():
+        return
+    window = dock.parentWidget()
+    if window is None or not hasattr(window, "tabifyDockWidget"):
+        return
+    ours = []
+    for other in window.findChildren(type(dock).__mro__[0]):
+        inner = other.widget()
+        if other is dock or other.isFloating() or inner is None:
+            continue
+        found = [w for w in [inner, *inner.findChildren((DataWidget, EmbedWidget, ExplorerWidget))]
+                 if isinstance(w, DataWidget | EmbedWidget | ExplorerWidget)]  # fmt: skip
+        if found and window.dockWidgetArea(other) == window.dockWidgetArea(dock):
+            ours.append(other)
+    if ours:
+        window.tabifyDockWidget(ours[0], dock)
+    dock.raise_()

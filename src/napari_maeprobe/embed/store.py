@@ -758,9 +758,13 @@ class EmbeddingStore:
         attrs: dict,
     ) -> None:
         """Replace the analysis results of one level (arrays such as X_pca/X_umap, obs columns
-        such as leiden, and JSON-able attrs such as parameters and diagnostics)."""
+        such as leiden, and JSON-able attrs such as parameters and diagnostics).
+
+        The attrs go last, in one (atomic) write, and mark the level complete: a write cut
+        short (a killed or cancelled analysis) leaves a level that reads as not analysed."""
         path = f"analysis/{level}"
         if path in self.root:
+            self.root[path].attrs.put({})  # unmark first: rmtree's order is arbitrary
             del self.root[path]
         group = self.root.create_group(path)
         for name, arr in arrays.items():
@@ -780,6 +784,8 @@ class EmbeddingStore:
             return None
         group = self.root[path]
         attrs = dict(group.attrs)
+        if "columns" not in attrs:  # its write was cut short (see write_analysis)
+            return None
         arrays = {k: np.asarray(group[k][...]) for k in group.array_keys()}
         cols = {}
         for name in attrs.get("columns", []):
@@ -790,4 +796,5 @@ class EmbeddingStore:
     def analysed_levels(self) -> list[str]:
         if "analysis" not in self.root:
             return []
-        return sorted(self.root["analysis"].group_keys())
+        group = self.root["analysis"]  # a level whose write was cut short does not count
+        return sorted(k for k in group.group_keys() if "columns" in group[k].attrs)

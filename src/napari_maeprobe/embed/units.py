@@ -225,7 +225,10 @@ def batch_rows(
         pe = res.patch_embeddings.reshape(n, -1, res.patch_embeddings.shape[-1])
         writes.append(("patch/X", start * pe.shape[1], pe.reshape(-1, pe.shape[-1])))
     if res.attention is not None:
-        writes.append(("attention", start, res.attention))
+        att = res.attention
+        if not info.channel_agnostic and att.ndim == 3 + len(info.patch_size) and att.shape[2] == 1:
+            att = att[:, :, 0]  # a single-channel axis (mae3d) the store's layout does not have
+        writes.append(("attention", start, att))
     if res.reconstruction is not None:
         writes.append(("reconstruction", start, res.reconstruction))
     if res.mask is not None:

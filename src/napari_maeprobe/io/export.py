@@ -11,6 +11,12 @@ takes the AnnData of :mod:`napari_maeprobe.table` (a store's levels, or a select
 - Parquet / CSV: the same ``obs`` columns plus ``e0``, ``e1``, ... (and ``umap_1``/``umap_2``
   when computed).
 
+Rows without an embedding are left out of every format: with masking on, the encoder never saw
+the masked patches (75 % of patch rows at the usual ratio), so their ``X`` is NaN, and NaN rows
+in ``X`` break ``scanpy.pp.pca`` and any tool downstream. The h5ad records how many were left
+out and why in ``uns["maeprobe"]["masked_rows_dropped"]`` / ``["masked_rows_note"]``; every
+export returns an :class:`Exported` path that carries the count (the CLI prints it).
+
 Several levels in one file are stacked (the ``level`` column tells them apart); PCA and UMAP
 coordinates are computed per level, so compare them within a level only. Every write is atomic:
 a killed export leaves no half-written file under the target name.
@@ -74,21 +80,70 @@ def flat_table(adata: ad.AnnData) -> pd.DataFrame:
     return pd.concat([table, emb], axis=1)
 
 
-def write_table(adata: ad.AnnData, fmt: str, out: str | Path) -> Path:
+class Exported(type(Path())):
+    """The path of a written export, with what it left out: ``rows`` written,
+    ``masked_rows_dropped`` (rows without an embedding) and ``note`` (why)."""
+
+    rows: int = 0
+    masked_rows_dropped: int = 0
+    note: str = ""
+
+    def left_out(self) -> str | None:
+        """One line for the user, e.g. "left out 49,824 masked patch rows (no embedding:
+        masking hid them from the encoder)", or None when nothing was left out."""
+        if not self.masked_rows_dropped:
+            return None
+        return f"left out {self.masked_rows_dropped:,} {self.note}"
+
+
+def embedded_rows(adata: ad.AnnData) -> np.ndarray:
+    """Which rows have an embedding (every value of ``X`` finite); masked patches have none."""
+    X = np.asarray(adata.X, dtype=np.float32)
+    return np.isfinite(X).all(axis=1) if X.ndim == 2 and X.shape[1] else np.ones(len(X), bool)
+
+
+def _left_out_note(adata: ad.AnnData, dropped: np.ndarray) -> str:
+    """Why rows have no embedding, for the record and the CLI's line."""
+    masking = adata.uns.get("maeprobe", {}).get("masking")
+    kind = masking.get("kind") if isinstance(masking, dict) else masking
+    levels = adata.obs["level"].astype(str)[dropped].unique() if "level" in adata.obs else []
+    what = f"{'/'.join(map(str, levels))} rows" if len(levels) else "rows"
+    if kind and str(kind) != "none":
+        what = "masked " + what
+        return f"{what} (no embedding: {kind} masking hid them from the encoder)"
+    return f"{what} (no embedding: NaN in X)"
+
+
+def write_table(adata: ad.AnnData, fmt: str, out: str | Path) -> Exported:
     """Write a table of rows (a store's levels or a selection) as h5ad, parquet or csv,
-    atomically."""
+    atomically, leaving out rows without an embedding (masked patches); the returned path
+    says how many."""
     if fmt not in FORMATS:
         raise MaeprobeInputError(f"unknown export format {fmt!r}", "use h5ad, parquet or csv")
-    out = Path(out)
+    out = Exported(out)
+    keep = embedded_rows(adata)
+    out.masked_rows_dropped = int((~keep).sum())
+    out.note = _left_out_note(adata, ~keep) if out.masked_rows_dropped else ""
+    out.rows = int(keep.sum())
+    table = adata[keep] if out.masked_rows_dropped else adata
     if fmt == "h5ad":
-        safe = for_h5ad(adata)
+        safe = for_h5ad(table)  # a copy: the caller's table is left as it was
+        facts = dict(safe.uns.get("maeprobe", {}))
+        facts["masked_rows_dropped"] = out.masked_rows_dropped
+        if out.masked_rows_dropped:
+            facts["masked_rows_note"] = (
+                f"{out.masked_rows_dropped} {out.note} are left out of this file: NaN rows in X "
+                "would break scanpy; the store keeps them (the explorer shows their positions "
+                "and reconstructions)"
+            )
+        safe.uns["maeprobe"] = facts
         atomic_write(out, lambda p: safe.write_h5ad(p))
         return out
-    table = flat_table(adata)
+    flat = flat_table(table)
     if fmt == "parquet":
-        atomic_write(out, lambda p: table.to_parquet(p, index=False))
+        atomic_write(out, lambda p: flat.to_parquet(p, index=False))
     else:
-        atomic_write(out, lambda p: table.to_csv(p, index=False))
+        atomic_write(out, lambda p: flat.to_csv(p, index=False))
     return out
 
 
@@ -98,8 +153,9 @@ def export_store(
     out: str | Path,
     level: str | Sequence[str] | None = None,
     allow_incomplete: bool = False,
-) -> Path:
-    """Write the store (one level, some, or all) to ``out`` as h5ad, parquet or csv, atomically.
+) -> Exported:
+    """Write the store (one level, some, or all) to ``out`` as h5ad, parquet or csv, atomically;
+    rows without an embedding (masked patches) are left out and counted (see :func:`write_table`).
 
     An incomplete store (an interrupted ``maeprobe embed``) is refused unless
     ``allow_incomplete``; ``uns["maeprobe"]`` records ``complete`` and the unit and cell counts."""

@@ -171,6 +171,9 @@ def highlight_image(
 
     Patch rows paint their exact footprints (2D, or 3D for 3D patches); cell and channel rows
     paint their cell's mask (``labels``; without labels, the crop window around its centroid).
+    ``shape`` may have more axes than the embedding (a z-stack embedded in 2D shown as its 3D
+    layer): 2D footprints and 2D labels then cover every plane; 3D labels behind a 2D embedding
+    on a 2D ``shape`` paint where any plane holds the cell.
     """
     out = np.zeros(shape, dtype=np.uint8)
     sel = data.obs.iloc[np.asarray(rows, dtype=np.int64)]
@@ -178,26 +181,37 @@ def highlight_image(
     if sel.empty:
         return out
     if data.level == "patch":
-        boxes = patch_boxes(sel, data.patch_size)
-        nd = len(data.patch_size)
-        boxes = np.unique(boxes, axis=0)
-        if nd == 2 and len(shape) == 2:
-            _paint_boxes_2d(out, boxes)
-        else:
-            for b in boxes:
-                sl = tuple(
-                    slice(max(0, b[i]), max(0, min(shape[i - len(shape) + nd], b[nd + i])))
-                    for i in range(nd)
-                )
-                out[(Ellipsis, *sl)] = 1
+        boxes = np.unique(patch_boxes(sel, data.patch_size), axis=0)
+        _paint_boxes(out, boxes)
         return out
     cells = sel["cell_id"].dropna().astype(np.int64).unique()
     if labels is not None:
-        out[np.isin(labels, cells)] = 1
+        hit = np.isin(labels, cells)
+        while hit.ndim > out.ndim:
+            hit = hit.any(axis=0)
+        out[...] = np.broadcast_to(hit, out.shape)
         return out
     boxes = patch_boxes(sel.drop_duplicates("cell_id"), data.crop_size)
-    _paint_boxes_2d(out, boxes)
+    _paint_boxes(out, boxes)
     return out
+
+
+def _paint_boxes(out: np.ndarray, boxes: np.ndarray) -> None:
+    """Paint boxes ([z0,] y0, x0, [z1,] y1, x1) on the last axes of ``out``: 2D boxes on every
+    leading plane, 3D boxes on the last three axes (clipped to ``out``)."""
+    nd = boxes.shape[1] // 2
+    if nd == 2 and out.ndim >= 2:
+        _paint_boxes_2d(out, boxes)
+        return
+    if out.ndim < nd:  # 3D boxes on a 2D image: their footprints in y, x
+        _paint_boxes_2d(out, boxes[:, [1, 2, 4, 5]])
+        return
+    lead = out.ndim - nd
+    for b in boxes:
+        sl = tuple(
+            slice(max(0, b[i]), max(0, min(out.shape[lead + i], b[nd + i]))) for i in range(nd)
+        )
+        out[(Ellipsis, *sl)] = 1
 
 
 def _paint_boxes_2d(out: np.ndarray, boxes: np.ndarray) -> None:
@@ -214,7 +228,7 @@ def _paint_boxes_2d(out: np.ndarray, boxes: np.ndarray) -> None:
     np.add.at(diff, (y1[keep], x0[keep]), -1)
     np.add.at(diff, (y1[keep], x1[keep]), 1)
     cover = diff.cumsum(axis=0).cumsum(axis=1)[:h, :w]
-    out[..., :, :] = np.maximum(out, (cover > 0).astype(np.uint8))
+    out[...] = np.maximum(out, (cover > 0).astype(np.uint8))  # every leading plane
 
 
 def cell_outlines(labels: np.ndarray, cells: np.ndarray) -> np.ndarray:
@@ -246,7 +260,7 @@ def rows_at(
     obs = data.obs
     in_image = (obs["image"].astype(str) == image).to_numpy()
     point = np.asarray(point, dtype=np.float64)
-    if labels is not None:
+    if labels is not None and len(point) >= labels.ndim:
         idx = tuple(int(round(v)) for v in point[-labels.ndim :])
         if all(0 <= i < s for i, s in zip(idx, labels.shape)) and labels[idx] > 0:
             cell = int(labels[idx])
@@ -287,7 +301,10 @@ def paste_cells(
     if stored is None:
         return None
     ids, maps = stored
-    origin_ids, origins = store.read_cells("origins", i)
+    stored_origins = store.read_cells("origins", i)
+    if stored_origins is None:
+        return None
+    origin_ids, origins = stored_origins
     origin_of = dict(zip(origin_ids.tolist(), range(len(origin_ids))))
     want = np.isin(ids, np.asarray(cells, dtype=np.int64))
     out = np.full(shape, np.nan, dtype=np.float32)

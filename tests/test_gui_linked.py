@@ -1,0 +1,403 @@
+"""The linked explorer of issue 12 in a real napari.Viewer (Xvfb): selections drawn on 2D,
+z-projection, single-slice and native-3D embeddings; overlays that follow the selection and
+go with it; the gallery of the selected cells; masked rows counted apart; the last load wins;
+the user-started analysis; closing leaves no process behind."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+import pytest
+from qtpy.QtCore import Qt
+
+pytestmark = [
+    pytest.mark.gui,
+    pytest.mark.skipif(not os.environ.get("DISPLAY"), reason="needs a display (scripts/test.sh)"),
+]
+
+IMAGE = "20210305_NE_mockData2_001"
+
+
+@pytest.fixture
+def viewer():
+    import napari
+
+    v = napari.Viewer(show=False)
+    yield v
+    v.close()
+
+
+@pytest.fixture(scope="module")
+def sample_store(sample_dir):
+    return sample_dir / "embeddings" / "imc_default.zarr"
+
+
+def _add_image(viewer, image, labels=None):
+    from napari_maeprobe._napari.layers import image_layers, labels_layer
+
+    for data, meta, _ in image_layers(image):
+        viewer.add_image(data, **meta)
+    if labels is not None:
+        lab, meta, _ = labels_layer(labels, f"{image.name} cells", image.scale)
+        viewer.add_labels(lab, **meta)
+
+
+def _explorer(viewer, qtbot, store, level):
+    from napari_maeprobe._napari.explorer_widget import ExplorerWidget
+
+    widget = ExplorerWidget(viewer)
+    qtbot.addWidget(widget)
+    with qtbot.waitSignal(widget.loaded, timeout=120_000):
+        widget.load(store, level)
+    return widget
+
+
+def _lasso(widget, fraction=(0.2, 0.8)):
+    """Draw a lasso over the middle of the scatter with the canvas's own mouse events."""
+    canvas = widget.scatter
+    canvas.set_tool("lasso")
+    w, h = canvas._canvas.size
+    lo, hi = fraction
+    path = np.array([[lo, lo], [hi, lo], [hi, hi], [lo, hi]]) * (w, h)
+    ev = canvas._canvas.events
+    ev.mouse_press(pos=path[0], button=1, modifiers=())
+    for p in path[1:]:
+        ev.mouse_move(pos=p, button=1, modifiers=())
+    ev.mouse_release(pos=path[0], button=1, modifiers=())
+    return canvas.selected()
+
+
+def _overlays(viewer):
+    from napari_maeprobe._napari.layers import is_overlay
+
+    return {ly.name: ly for ly in viewer.layers if is_overlay(ly)}
+
+
+def _analysed_store(tmp_path_factory, name, image, labels, **job):
+    """A store of a real image embedded by the default model and analysed in this process."""
+    from napari_maeprobe.embed.job import EmbedJob
+    from napari_maeprobe.embed.run_local import run_embedding
+    from napari_maeprobe.embed.store import EmbeddingStore
+    from napari_maeprobe.tl.analyze import AnalysisSettings, analyze_store
+
+    store = tmp_path_factory.mktemp(name) / f"{name}.zarr"
+    run_embedding([image], store, EmbedJob(**job), [labels])
+    analyze_store(EmbeddingStore(store, mode="a"), None, AnalysisSettings(umap_max_fit=5_000))
+    return store
+
+
+@pytest.fixture(scope="module")
+def nuclei3d():
+    from napari_maeprobe.io.samples import load_sample
+
+    return load_sample("nuclei3d")
+
+
+@pytest.fixture(scope="module")
+def masked_store(tmp_path_factory):
+    """The IMC sample with random masking, attention and reconstructions (patch + cells)."""
+    from napari_maeprobe.io.samples import load_sample
+
+    image, labels = load_sample("imc")
+    return _analysed_store(tmp_path_factory, "masked", image, labels,
+                           levels=("global", "patch"), masking="random", attention=True,
+                           reconstruction=True)  # fmt: skip
+
+
+# --------------------------------------------------------------------------- 2D selections
+
+
+def test_selection_overlays_follow_the_selection_and_go_with_it(viewer, qtbot, sample_store):
+    from napari_maeprobe.io.samples import load_sample
+    from napari_maeprobe.pl.linking import highlight_image
+
+    image, labels = load_sample("imc")
+    _add_image(viewer, image, labels)
+    widget = _explorer(viewer, qtbot, sample_store, "patch")
+    widget.attention_check.setChecked(True)
+    with qtbot.waitSignal(widget.layers_updated, timeout=30_000):
+        rows = _lasso(widget)
+    assert 0 < len(rows) < widget.data.n
+    layers = _overlays(viewer)
+    assert set(layers) == {f"{IMAGE} selected patches", f"{IMAGE} selected cells",
+                           f"{IMAGE} attention (selected cells)"}  # fmt: skip
+    # the patches: exactly the footprints of the selected rows (linking's rule, tested apart)
+    want = highlight_image(widget.data, rows, IMAGE, labels.shape)
+    np.testing.assert_array_equal(np.asarray(layers[f"{IMAGE} selected patches"].data), want)
+    # the cells: each selected cell keeps its own id, nothing else is drawn
+    obs = widget.data.obs.iloc[rows]
+    cells = set(obs["cell_id"].dropna().astype(int))
+    drawn = np.asarray(layers[f"{IMAGE} selected cells"].data)
+    assert set(np.unique(drawn)) - {0} == cells
+    np.testing.assert_array_equal(drawn > 0, np.isin(labels, list(cells)))
+    # attention: in [0, 1], reaching 1 in every selected cell, nothing outside them
+    att = np.asarray(layers[f"{IMAGE} attention (selected cells)"].data)
+    assert att.min() >= 0 and att.max() <= 1.0
+    assert not att[~np.isin(labels, list(cells))].any()
+    for cell in list(cells)[:5]:
+        assert att[labels == cell].max() == pytest.approx(1.0)
+    # nothing is left on the image when the selection is cleared
+    with qtbot.waitSignal(widget.layers_updated, timeout=10_000):
+        qtbot.mouseClick(widget.clear_button, Qt.MouseButton.LeftButton)
+    assert _overlays(viewer) == {}
+    assert widget.gallery.tiles == []
+
+
+def test_the_data_widget_never_takes_the_overlays_as_channels(viewer, qtbot, sample_store):
+    from napari_maeprobe._napari.widgets import DataWidget
+    from napari_maeprobe.io.samples import load_sample
+
+    image, labels = load_sample("imc")
+    _add_image(viewer, image, labels)
+    data_widget = DataWidget(viewer)
+    qtbot.addWidget(data_widget)
+    before = data_widget.current_image().n_channels
+    widget = _explorer(viewer, qtbot, sample_store, "patch")
+    widget.attention_check.setChecked(True)
+    with qtbot.waitSignal(widget.layers_updated, timeout=30_000):
+        _lasso(widget)
+    assert len(_overlays(viewer)) == 3
+    data_widget.refresh()
+    assert data_widget.current_image().n_channels == before == image.n_channels
+
+
+def test_level_change_clears_the_overlays(viewer, qtbot, sample_store):
+    from napari_maeprobe.io.samples import load_sample
+
+    image, labels = load_sample("imc")
+    _add_image(viewer, image, labels)
+    widget = _explorer(viewer, qtbot, sample_store, "patch")
+    with qtbot.waitSignal(widget.layers_updated, timeout=30_000):
+        _lasso(widget)
+    assert _overlays(viewer)
+    with qtbot.waitSignal(widget.loaded, timeout=60_000):
+        widget.level.setCurrentIndex(widget.level.findData("global"))
+    assert widget.data.level == "global"
+    assert _overlays(viewer) == {}
+    # at the cell levels the overlay is called what it shows
+    with qtbot.waitSignal(widget.layers_updated, timeout=30_000):
+        _lasso(widget)
+    assert set(_overlays(viewer)) == {f"{IMAGE} selected cells"}
+
+
+# --------------------------------------------------------------------------- the gallery
+
+
+def test_gallery_shows_the_selected_cells_with_input_mask_and_reconstruction(
+    viewer, qtbot, masked_store
+):
+    from napari_maeprobe.io.samples import load_sample
+
+    image, labels = load_sample("imc")
+    _add_image(viewer, image, labels)
+    widget = _explorer(viewer, qtbot, masked_store, "patch")
+    data = widget.data
+    valid = np.isfinite(np.asarray(data.adata.X)).all(axis=1)
+    # masked rows are counted apart from the plotted ones
+    assert 0 < valid.sum() < data.n
+    assert f"{valid.sum():,} embedded" in widget.source_label.text()
+    assert f"{data.n - valid.sum():,} masked" in widget.source_label.text()
+    with qtbot.waitSignal(widget.gallery_updated, timeout=60_000):
+        rows = _lasso(widget, (0.05, 0.95))
+    selected_cells = set(zip(data.obs["image"].astype(str).iloc[rows],
+                             data.obs["cell_id"].iloc[rows].astype(int)))  # fmt: skip
+    tiles = widget.gallery.tiles
+    assert 0 < len(tiles) <= widget.gallery.per_page.value()
+    for tile in tiles:
+        assert (tile.image, tile.cell_id) in selected_cells
+        assert {"input", "attention", "masked", "reconstruction"} <= set(tile.panels)
+        for rgb in tile.panels.values():
+            assert rgb.dtype == np.uint8 and rgb.shape[-1] == 3
+    assert widget.gallery.total == len(selected_cells)
+    # the next page shows other cells of the selection
+    first = {(t.image, t.cell_id) for t in tiles}
+    if widget.gallery.total > len(tiles):
+        with qtbot.waitSignal(widget.gallery_updated, timeout=60_000):
+            qtbot.mouseClick(widget.gallery.next_button, Qt.MouseButton.LeftButton)
+        second = {(t.image, t.cell_id) for t in widget.gallery.tiles}
+        assert second and not (second & first) and second <= selected_cells
+    # clicking a cell centres the viewer on it and lights up its points
+    tile = widget.gallery.tiles[0]
+    widget.centre_on_tile(0)
+    np.testing.assert_allclose(viewer.camera.center[-2:], tile.centre[-2:], atol=1.0)
+    obs = data.obs
+    mine = ((obs["image"].astype(str) == tile.image) & (obs["cell_id"] == tile.cell_id)).to_numpy()
+    np.testing.assert_array_equal(widget.scatter.highlighted(), np.flatnonzero(mine))
+
+
+def test_masked_rows_are_not_exported_as_nan_rows(viewer, qtbot, masked_store, tmp_path):
+    import anndata as ad
+
+    widget = _explorer(viewer, qtbot, masked_store, "patch")
+    out = ad.read_h5ad(widget.export(tmp_path / "patch.h5ad"))
+    X = np.asarray(out.X)
+    assert np.isfinite(X).all()
+    assert out.n_obs == widget.embedded < widget.data.n
+
+
+# --------------------------------------------------------------------------- z-stacks
+
+
+@pytest.mark.parametrize("mode", ["max", "slice"])
+def test_selection_on_a_2d_embedding_of_a_z_stack(viewer, qtbot, tmp_path_factory, nuclei3d,
+                                                  mode):  # fmt: skip
+    """Before: "could not broadcast input array from shape (3,) into shape (2,)" and nothing
+    drawn. The viewer holds the 3D stack; the embedding is of its projection or one slice."""
+    from napari_maeprobe.pp.preprocessing import project_z
+
+    image, labels = nuclei3d
+    flat = project_z(image, mode, image.data.shape[1] // 2 if mode == "slice" else None)
+    flat_labels = labels.max(axis=0) if mode == "max" else labels[labels.shape[0] // 2]
+    from skimage.measure import label as relabel
+
+    flat_labels = relabel(flat_labels > 0).astype(np.int32)
+    store = _analysed_store(tmp_path_factory, f"z{mode}", flat, flat_labels,
+                            levels=("global", "patch"))  # fmt: skip
+    _add_image(viewer, image)  # the 3D stack, as a user has it open
+    widget = _explorer(viewer, qtbot, store, "patch")
+    with qtbot.waitSignal(widget.layers_updated, timeout=30_000):
+        rows = _lasso(widget, (0.05, 0.95))
+    assert len(rows)
+    layer = viewer.layers[f"{image.name} selected patches"]
+    assert layer.ndim == 2 and np.asarray(layer.data).shape == image.data.shape[-2:]
+    assert np.asarray(layer.data).any()
+    stack = viewer.layers[image.channel_names[0]] if image.n_channels > 1 else None
+    stack = stack or next(ly for ly in viewer.layers if ly.ndim == 3)
+    np.testing.assert_allclose(layer.scale, stack.scale[-2:])
+    # a click on a highlighted pixel of any plane finds its patch rows
+    y, x = np.argwhere(np.asarray(layer.data))[0]
+    got = widget.click_world((float(image.data.shape[1] // 2), float(y), float(x)))
+    assert len(got) > 0
+
+
+def test_selection_on_a_native_3d_embedding_draws_3d_patch_boxes(
+    viewer, qtbot, tmp_path_factory, nuclei3d
+):
+    image, labels = nuclei3d
+    small = dict(in_chans=1, input_size=(40, 64, 64), depth=2, embed_dim=96, num_heads=4,
+                 decoder_embed_dim=48, decoder_depth=1, decoder_num_heads=4)  # fmt: skip
+    # untrained and small (no mae3d weights ship): the geometry is what is checked
+    store = _analysed_store(tmp_path_factory, "native3d", image, labels, model="mae3d",
+                            random_init=True, model_options=small, crop_size=(40, 64, 64),
+                            levels=("global", "patch"), attention=True)  # fmt: skip
+    _add_image(viewer, image, labels)
+    viewer.dims.ndisplay = 3
+    widget = _explorer(viewer, qtbot, store, "patch")
+    assert len(widget.data.patch_size) == 3
+    with qtbot.waitSignal(widget.layers_updated, timeout=60_000):
+        rows = _lasso(widget, (0.05, 0.95))
+    layer = viewer.layers[f"{image.name} selected patches"]
+    drawn = np.asarray(layer.data)
+    assert layer.ndim == 3 and drawn.shape == labels.shape
+    from napari_maeprobe.pl.linking import patch_boxes
+
+    boxes = patch_boxes(widget.data.obs.iloc[rows], widget.data.patch_size)
+    inside = (boxes[:, :3] >= 0).all(axis=1) & (boxes[:, 3:] <= labels.shape).all(axis=1)
+    for z0, y0, x0, z1, y1, x1 in boxes[inside][:50]:  # every voxel of a selected box is lit
+        assert drawn[z0:z1, y0:y1, x0:x1].all()
+    assert drawn.sum() <= len(rows) * int(np.prod(widget.data.patch_size))
+    # the gallery shows the middle plane of each 3D crop, attention included
+    qtbot.waitUntil(lambda: bool(widget.gallery.tiles), timeout=60_000)
+    tile = widget.gallery.tiles[0]
+    assert {"input", "attention"} <= set(tile.panels) and "middle plane" in tile.plane
+
+
+# --------------------------------------------------------------------------- loads and analysis
+
+
+def test_a_late_load_does_not_replace_a_newer_one(viewer, qtbot, sample_store, monkeypatch):
+    import napari_maeprobe._napari.explorer_widget as ew
+
+    real_load = ew.load_level
+
+    def slow_load(path, level="patch"):
+        if level == "patch":
+            time.sleep(3.0)  # the older request finishes last
+        return real_load(path, level)
+
+    monkeypatch.setattr(ew, "load_level", slow_load)
+    widget = ew.ExplorerWidget(viewer)
+    qtbot.addWidget(widget)
+    shown = []
+    widget.loaded.connect(lambda data: shown.append(data.level))
+    widget.load(sample_store, "patch")
+    widget.load(sample_store, "channel")
+    qtbot.waitUntil(lambda: not widget._res.workers, timeout=60_000)
+    qtbot.wait(100)
+    assert shown == ["channel"]
+    assert widget.data.level == "channel"
+
+
+def test_analysis_is_started_by_the_user_and_can_be_cancelled(viewer, qtbot, tmp_path):
+    import psutil
+
+    from napari_maeprobe.embed.job import EmbedJob
+    from napari_maeprobe.embed.run_local import run_embedding
+    from napari_maeprobe.embed.store import EmbeddingStore
+    from napari_maeprobe.io.samples import load_sample
+
+    image, labels = load_sample("imc")
+    store = tmp_path / "fresh.zarr"
+    run_embedding([image], store, EmbedJob(levels=("global", "channel")), [labels])
+    from napari_maeprobe._napari.explorer_widget import ExplorerWidget
+
+    widget = ExplorerWidget(viewer)
+    qtbot.addWidget(widget)
+    with qtbot.waitSignal(widget.not_analysed, timeout=60_000):
+        widget.load(store, "channel")
+    assert widget.data is None and "not analysed" in widget.source_label.text()
+    assert widget.tabs.currentWidget() is widget.analyse_tab
+    assert EmbeddingStore(store).analysed_levels() == []  # nothing started by itself
+    # cancel a started analysis: the store is left as it was
+    qtbot.mouseClick(widget.analyse_button, Qt.MouseButton.LeftButton)
+    qtbot.waitUntil(lambda: not widget.progress.isHidden(), timeout=10_000)
+    with qtbot.waitSignal(widget.analysis_finished, timeout=30_000) as ended:
+        qtbot.mouseClick(widget.cancel_analysis_button, Qt.MouseButton.LeftButton)
+    assert ended.args == ["cancelled"]
+    assert EmbeddingStore(store).analysed_levels() == []
+    # run it: the stages are shown with counts, then the scatter fills in
+    stages = []
+    widget.progress.valueChanged.connect(lambda _: stages.append(widget.stage.text()))
+    with qtbot.waitSignal(widget.loaded, timeout=300_000):
+        qtbot.mouseClick(widget.analyse_button, Qt.MouseButton.LeftButton)
+    assert widget.data.level == "channel" and "X_umap" in widget.data.adata.obsm
+    assert any("analysing" in s for s in stages)
+    pid = widget._res.analysis.pid
+    assert pid is not None and psutil.pid_exists(pid)
+    # closing the viewer ends the analysis process
+    widget.shutdown()
+    def ended() -> bool:
+        return not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+    qtbot.waitUntil(ended, timeout=10_000)
+
+
+def test_closing_the_viewer_leaves_no_child_process(qtbot, tmp_path, sample_store):
+    import napari
+    import psutil
+
+    from napari_maeprobe._napari.explorer_widget import ExplorerWidget
+
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    v = napari.Viewer(show=False)
+    widget = ExplorerWidget(v)
+    v.window.add_dock_widget(widget, name="explorer")
+    with qtbot.waitSignal(widget.loaded, timeout=60_000):
+        widget.load(sample_store, "channel")
+    widget._res.analysis = __import__(
+        "napari_maeprobe.tl.analysis_process", fromlist=["AnalysisProcess"]
+    ).AnalysisProcess()
+    widget._res.analysis.start()
+    child = widget._res.analysis.pid
+    assert child is not None and psutil.pid_exists(child)
+    v.close()
+    qtbot.wait(200)
+
+    def gone() -> bool:
+        alive = [p for p in psutil.Process().children(recursive=True)
+                 if p.pid not in before and p.status() != psutil.STATUS_ZOMBIE]  # fmt: skip
+        return not alive
+
+    qtbot.waitUntil(gone, timeout=15_000)
