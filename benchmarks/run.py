@@ -20,6 +20,7 @@ BENCHMARKS = {
     "store": "bench_store",
     "gui": "bench_gui",
     "truth": "bench_truth",
+    "linked": "bench_gui_linked",
 }
 
 

@@ -401,3 +401,68 @@ def test_closing_the_viewer_leaves_no_child_process(qtbot, tmp_path, sample_stor
         return not alive
 
     qtbot.waitUntil(gone, timeout=15_000)
+
+
+def test_a_wrong_folder_says_one_line_in_gui_words(viewer, qtbot, tmp_path, monkeypatch):
+    import napari_maeprobe._napari.explorer_widget as ew
+
+    said: list[str] = []
+    monkeypatch.setattr(ew, "_error", lambda exc: said.append(ew.gui_message(exc)))
+    widget = ew.ExplorerWidget(viewer)
+    qtbot.addWidget(widget)
+    widget.load(tmp_path)  # an empty folder, not a store
+    qtbot.waitUntil(lambda: bool(said), timeout=30_000)
+    assert len(said) == 1 and "\n" not in said[0]
+    assert "not an embedding store" in said[0]
+    assert "maeprobe embed" not in said[0] and "--" not in said[0]
+    assert widget.data is None
+
+
+def test_closing_the_dock_ends_its_analysis_process(viewer, qtbot, sample_store):
+    import psutil
+
+    from napari_maeprobe._napari.explorer_widget import ExplorerWidget
+    from napari_maeprobe.tl.analysis_process import AnalysisProcess
+
+    widget = ExplorerWidget(viewer)
+    viewer.window.add_dock_widget(widget, name="explorer")
+    qtbot.wait(50)
+    widget._res.analysis = AnalysisProcess()
+    widget._res.analysis.start()
+    pid = widget._res.analysis.pid
+    assert psutil.pid_exists(pid)
+    viewer.window.remove_dock_widget(widget)  # what the dock's close button does
+
+    def ended() -> bool:
+        return not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+    qtbot.waitUntil(ended, timeout=10_000)
+    assert widget._res.closed
+
+
+def test_three_docks_fit_a_1080p_screen(qtbot):
+    """Data, Embed and Explorer opened from the Plugins menu on a 1920 x 1080 window: the window
+    does not outgrow the screen, the canvas keeps at least half its width, the scatter its
+    height."""
+    import napari
+
+    v = napari.Viewer(show=True)
+    try:
+        win = v.window._qt_window
+        win.resize(1920, 1080)
+        for name in ("Data and segmentation", "Embed",
+                     "Explorer (linked scatter, diagnostics, export)"):  # fmt: skip
+            v.window.add_plugin_dock_widget("napari-maeprobe", name)
+        qtbot.wait(300)
+        win.resize(1920, 1080)
+        qtbot.wait(300)
+        assert win.minimumSizeHint().height() <= 1080
+        assert win.height() <= 1080
+        canvas = v.window._qt_viewer.canvas.native
+        assert canvas.width() >= win.width() / 2
+        from napari_maeprobe._napari.hub import hub_for
+
+        explorer = hub_for(v).explorer
+        assert explorer.isVisible() and explorer.scatter.height() >= 300
+    finally:
+        v.close()

@@ -336,7 +336,14 @@ def test_embed_cancel_is_fast_and_leaves_the_gui_usable(docked, qtbot, errors, t
     assert task.engine.pid is None  # the model's worker process is gone
     assert task.engine.cancelled and task.job.outcome.cancelled  # through the job layer
     assert embed.run_button.isEnabled() and not embed.cancel_button.isEnabled()
-    assert "cancelled" in embed.status_label.text()
+    status = embed.status_label.text()
+    assert "cancelled" in status
+    store_path = tmp_path / "human.zarr"
+    kept = EmbeddingStore(store_path).units() if store_path.exists() else []
+    if kept:  # the message says what is on disk
+        assert f"{len(kept)} finished unit(s) stay in" in status, status
+    else:
+        assert "nothing was written" in status, status
 
     # run again and cancel while the model is still starting: just as fast
     with qtbot.waitSignal(embed.run_finished, timeout=10_000) as finished:
@@ -379,3 +386,218 @@ def test_embed_crashed_worker_gives_an_error_and_reenables(
     data.set_checked([])
     qtbot.mouseClick(embed.run_button, LEFT)
     assert "no image layers are chosen" in errors[-1] and not embed.is_running
+
+
+# --------------------------------------------------------------------------- issue 12
+
+
+def _children() -> set[int]:
+    """Process ids of this process's live children (zombies not counted)."""
+    import psutil
+
+    out = set()
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if child.status() != psutil.STATUS_ZOMBIE:
+                out.add(child.pid)
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+def test_data_widget_ignores_the_explorers_overlays(make_napari_viewer, qtbot):
+    from napari_maeprobe._napari.layers import OVERLAY_KEY
+
+    viewer = make_napari_viewer()
+    image, labels = add_sample(viewer, "imc")  # 5 markers + whole-cell masks
+    overlay = {OVERLAY_KEY: True}
+    # overlays already there when the widget opens, and more added afterwards
+    viewer.add_image(np.zeros(labels.shape, np.float32), name="attention", metadata=overlay)
+    data = widgets.DataWidget(viewer)
+    viewer.window.add_dock_widget(data)
+    viewer.add_image(np.ones(labels.shape, np.float32), name="reconstruction", metadata=overlay)
+    viewer.add_labels(np.ones(labels.shape, np.int32), name="selected cells", metadata=overlay)
+    viewer.add_labels(labels.copy(), name="outlines", metadata=overlay)
+    markers = ["Ag107", "Cytokeratin 5", "Laminin", "YBX1", "H3K27Ac"]
+    assert data.table.rowCount() == 5
+    assert data.channel_names() == markers
+    assert data.current_image().channel_names == markers
+    choices = [data.labels_combo.itemText(i) for i in range(data.labels_combo.count())]
+    assert choices == [widgets.NO_LABELS, f"{image.name} labels"]
+    assert data.labels_combo.currentText() == f"{image.name} labels"  # auto-picked: not "outlines"
+    assert "5 channel(s)" in data.info_label.text()
+
+    # an overlay selected in the layer list is no crop stack either
+    embed = widgets.EmbedWidget(viewer, data)
+    viewer.add_image(np.zeros((3, 2, 16, 16), np.float32), name="patches", metadata=overlay)
+    viewer.layers.selection.active = viewer.layers["patches"]
+    with pytest.raises(Exception, match="no crop stack is selected"):
+        embed.selected_crop_stack()
+
+
+def test_segmentation_layers_do_not_freeze_the_gui(make_napari_viewer, qtbot, errors):
+    """Cell Painting (6 x 1080 x 1080): the labels are made in the worker (uint16), napari's
+    label-colour code is compiled there too; the slot only hands arrays to two layers."""
+    viewer = make_napari_viewer()
+    add_sample(viewer, "cellpainting")
+    data = widgets.DataWidget(viewer)
+    viewer.window.add_dock_widget(data)
+    data.method_combo.setCurrentText("builtin")
+    with GapMeter(lambda: data.segment_status.text()) as meter:
+        with qtbot.waitSignal(data.segmentation_finished, timeout=300_000) as done:
+            qtbot.mouseClick(data.segment_button, LEFT)
+        qtbot.wait(200)
+    print(
+        f"\n[segmentation] longest GUI gap {meter.max_gap * 1000:.0f} ms; worst: {meter.worst()}"
+    )
+    assert done.args == ["done"], errors
+    name = data.current_image().name
+    cells, bounds = viewer.layers[f"{name} cells"], viewer.layers[f"{name} boundaries"]
+    assert cells.data.dtype == np.uint16 and bounds.data.dtype == np.uint8
+    assert cells.data.max() > 10
+    assert data.labels_combo.currentText() == cells.name and data.segment_button.isEnabled()
+    assert meter.max_gap < 1.0  # 1-2.5 s before (numba compiled on the GUI thread, int labels)
+
+
+def test_native_3d_with_a_2d_model_is_refused_up_front(docked, qtbot, errors):
+    viewer, data, embed = docked("nuclei3d")  # a (60, 256, 256) z-stack
+    assert not embed.z_note.isVisible() or not embed.z_note.text()
+    data.z_combo.setCurrentIndex(data.z_combo.findData("keep"))
+    assert "2D" in embed.model_info.text()
+    assert "native 3D" in embed.z_note.text() and not embed.z_note.isHidden()  # flagged at once
+    qtbot.mouseClick(embed.run_button, LEFT)
+    assert not embed.is_running and embed.run_button.isEnabled()
+    assert len(errors) == 1
+    assert "default model is 2D" in errors[0] and "'max projection' or 'one slice'" in errors[0]
+    assert "mae3d" in errors[0] and "--" not in errors[0]
+    # a 3D model fits 'native 3D'; with a projection it is flagged the other way
+    embed.model_combo.setCurrentIndex(embed.model_combo.findData("mae3d"))
+    assert embed.z_note.isHidden() and embed.z_problem() is None
+    assert "3D model" in embed.model_info.text()
+    data.z_combo.setCurrentIndex(data.z_combo.findData("max"))
+    assert "mae3d model is 3D" in embed.z_note.text() and not embed.z_note.isHidden()
+    embed.model_combo.setCurrentIndex(embed.model_combo.findData("default"))
+    assert embed.z_note.isHidden()
+
+
+def test_embed_dock_opened_first_flags_native_3d_once_the_data_dock_opens(make_napari_viewer):
+    from napari_maeprobe._napari.dock import DataDock, EmbedDock
+
+    viewer = make_napari_viewer()
+    add_sample(viewer, "nuclei3d")
+    embed = EmbedDock(viewer)
+    viewer.window.add_dock_widget(embed, name="Embed")
+    data = DataDock(viewer)
+    viewer.window.add_dock_widget(data, name="Data and segmentation")
+    assert embed.data_widget() is data and embed.z_note.isHidden()
+    data.z_combo.setCurrentIndex(data.z_combo.findData("keep"))
+    assert not embed.z_note.isHidden() and "default model is 2D" in embed.z_note.text()
+
+
+def test_embedding_one_slice_records_the_plane(make_napari_viewer, qtbot, errors, tmp_path):
+    """A one-channel z-stack read from its file (channel 'c0' to the reader) is named after
+    its layer; one slice of it is embedded with the given cells of that slice, and the store
+    says which plane it holds. Progress speaks of the given cells, not of segmenting."""
+    import tifffile
+
+    from napari_maeprobe.io.reading import read_image
+    from napari_maeprobe.io.samples import sample_data_dir
+
+    root = sample_data_dir() / "cells3d_nuclei_3d_labels"
+    image = read_image(root / "nuclei.tif")
+    assert image.channel_names == ["c0"]
+    viewer = make_napari_viewer()
+    for layer_data, meta, _ in image_layers(image):
+        viewer.add_image(layer_data, **meta)
+    labels3d = tifffile.imread(root / "nuclei_label.tif")
+    viewer.add_labels(labels3d[30].astype(np.int32), name="cells of slice 30")
+    data = widgets.DataWidget(viewer)
+    viewer.window.add_dock_widget(data, name="Data and segmentation")
+    embed = widgets.EmbedWidget(viewer, data)
+    viewer.window.add_dock_widget(embed, name="Embed")
+    assert data.channel_names() == ["nuclei"]  # the layer's name, never "c0"
+    data.z_combo.setCurrentIndex(data.z_combo.findData("slice"))
+    data.z_spin.setValue(30)
+    data.set_labels_layer("cells of slice 30")
+    for lvl, box in embed.level_checks.items():
+        box.setChecked(lvl == "global")
+    out = tmp_path / "slice.zarr"
+    embed.out_edit.setText(str(out))
+    formats: list[str] = []
+    embed._relay.progress.connect(lambda *a: formats.append(embed.progress_bar.format()))
+    t0 = time.perf_counter()
+    with qtbot.waitSignal(embed.store_ready, timeout=180_000):
+        qtbot.mouseClick(embed.run_button, LEFT)
+    waited = time.perf_counter() - t0
+    assert not errors
+    facts = EmbeddingStore(out).facts
+    assert facts["projection"] == "slice" and facts["z_index"] == 30
+    assert embed.last_result.facts["z_index"] == 30
+    assert EmbeddingStore(out).n_rows("global") == int(len(np.unique(labels3d[30])) - 1)
+    assert not any("segmenting" in f or "images" in f for f in formats), formats
+    assert any("given cells" in f for f in formats), formats
+    # the time the user waited, from the click; the internal figure is named as such
+    status = embed.status_label.text()
+    shown = float(status.split("done in ")[1].split(" s")[0])
+    assert embed.last_result.seconds < shown <= waited + 0.05
+    assert f"embedding {embed.last_result.seconds:.1f} s of {shown:.1f} s" in (
+        embed.summary_label.text()
+    )
+
+
+def test_closing_the_dock_or_the_viewer_stops_the_run(docked, qtbot, errors, tmp_path):
+    viewer, data, embed = docked("imc")
+    before = _children()
+    out = tmp_path / "closed.zarr"
+    embed.out_edit.setText(str(out))
+    qtbot.mouseClick(embed.run_button, LEFT)
+    task = embed._task
+    qtbot.waitUntil(lambda: getattr(task.engine, "pid", None) is not None, timeout=60_000)
+    dock = viewer.window.dock_widgets["Embed"].parent()
+    dock.hide()  # hidden (e.g. behind another tab): the run goes on
+    qtbot.wait(100)
+    assert not task.cancelled and embed.is_running
+    dock.show()
+    # napari's close button on the dock (remove_dock_widget): the run stops, its worker exits
+    dock.destroyOnClose()
+    qtbot.waitUntil(lambda: not embed.is_running, timeout=10_000)
+    assert task.cancelled and task.job.outcome.cancelled and task.engine.pid is None
+    assert "nothing was written" in embed.status_label.text() and not out.exists()
+    qtbot.waitUntil(lambda: _children() <= before, timeout=10_000)
+
+    # a new Embed dock, a new run; closing the viewer stops it and leaves no process behind
+    embed2 = widgets.EmbedWidget(viewer, data)
+    viewer.window.add_dock_widget(embed2, name="Embed again")
+    embed2.out_edit.setText(str(tmp_path / "closed2.zarr"))
+    qtbot.mouseClick(embed2.run_button, LEFT)
+    task2 = embed2._task
+    qtbot.waitUntil(lambda: getattr(task2.engine, "pid", None) is not None, timeout=60_000)
+    pid = task2.engine.pid
+    assert pid in _children()
+    viewer.close()
+    qtbot.waitUntil(lambda: task2.finished, timeout=10_000)
+    assert task2.cancelled
+    qtbot.waitUntil(lambda: _children() <= before, timeout=10_000)
+    assert pid not in _children() and not errors
+
+
+def test_gui_messages_name_controls_not_command_line_flags():
+    from napari_maeprobe.embed.job import EmbedJob
+    from napari_maeprobe.errors import MaeprobeInputError
+
+    cases = {
+        "model 'x' has no default weights. Fix: pass --weights PATH (a file).": "Weights file",
+        "device 'cuda' was asked for. Fix: use --device auto (or cpu).": "Device 'auto'",
+        "worker stopped. Fix: use a smaller --batch-size, or --device cpu; the store keeps every "
+        "finished unit, so the same command resumes": "Run with the same Output store",
+        "x holds a different job. Fix: write to a new store with another --out, or pass "
+        "--overwrite to replace it": "replace a store that holds another job",
+    }
+    for text, control in cases.items():
+        shown = widgets.gui_message(text)
+        assert "--" not in shown and control in shown, shown
+    for job in (EmbedJob(masking="boundary", segmentation="none"), EmbedJob(tau=-1.0)):
+        with pytest.raises(MaeprobeInputError) as exc:
+            job.check()
+        assert "--" in str(exc.value)  # the CLI's own text is unchanged
+        assert "--" not in widgets.gui_message(str(exc.value))

@@ -20,6 +20,13 @@ class DataDock(DataWidget):
     def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
         super().__init__(napari_viewer)
         hub_for(napari_viewer).data_widget = self
+        try:  # an Embed dock opened first flags model / z-stack mismatches from now on
+            docked = list(napari_viewer.window.dock_widgets.values())
+        except (AttributeError, RuntimeError):
+            docked = []
+        for widget in docked:
+            if isinstance(widget, EmbedWidget) and widget._data_widget is None:
+                widget.follow_data(self)
 
 
 class EmbedDock(EmbedWidget):

@@ -82,10 +82,36 @@ def _label_colours(rgba: tuple[float, float, float, float], default: bool = Fals
     return DirectLabelColormap(color_dict=colours)
 
 
+#: the explorer's command-line wording -> its controls (then the docks' own translation)
+EXPLORER_WORDS = (
+    (r"run `maeprobe analyze STORE` first \(or the Analyze button\)",
+     "press Analyse in the Analyse tab"),
+    (r"`maeprobe analyze[^`]*`", "Analyse (the Analyse tab)"),
+    (r"pass the \.zarr folder written by `maeprobe embed`",
+     "open the .zarr folder an Embed run wrote (Open... > Embedding store folder)"),
+    (r"`maeprobe embed`", "the Embed dock"),
+    (r"`maeprobe export`", "the Export tab"),
+    (r"--level\b", "the level list"),
+)
+
+
+def gui_message(exc: BaseException | str) -> str:
+    """One line in the GUI's words: the problem and its fix, flags named as controls."""
+    import re
+
+    from napari_maeprobe._napari.jobs import error_message
+    from napari_maeprobe._napari.widgets import gui_message as dock_words
+
+    text = exc if isinstance(exc, str) else error_message(exc)
+    for pattern, words in EXPLORER_WORDS:
+        text = re.sub(pattern, words, text)
+    return " ".join(dock_words(text).split())
+
+
 def _error(exc: BaseException | str) -> None:
     from napari.utils.notifications import show_error
 
-    show_error(f"maeprobe: {exc}")
+    show_error(f"maeprobe: {gui_message(exc)}")
 
 
 def _scroll(widget: QWidget) -> QScrollArea:

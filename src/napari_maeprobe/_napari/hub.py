@@ -69,6 +69,6 @@ def arrange_docks(widget) -> None:
                  if isinstance(w, DataWidget | EmbedWidget | ExplorerWidget)]  # fmt: skip
         if found and window.dockWidgetArea(other) == window.dockWidgetArea(dock):
             ours.append(other)
-    if ours:
-        window.tabifyDockWidget(ours[0], dock)
+    for other in ours[1:] + [dock] if ours else []:
+        window.tabifyDockWidget(ours[0], other)
     dock.raise_()

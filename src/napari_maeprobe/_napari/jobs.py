@@ -82,6 +82,16 @@ class BuiltImage:
     image: MicroscopyImage
     scale: tuple[float, ...]  # per spatial axis of ``image`` (after projection)
     translate: tuple[float, ...]
+    #: what became of a z-stack: "max" (projection), "slice" (``z_index``) or "keep" (native
+    #: 3D); ``None`` for a 2D image. The store's facts record it (:meth:`EmbedTask.run`).
+    z_mode: str | None = None
+    z_index: int | None = None
+
+    def z_facts(self) -> dict:
+        """The facts that say which plane of a z-stack was embedded (empty for 2D images)."""
+        if self.z_mode is None:
+            return {}
+        return {"projection": self.z_mode, "z_index": self.z_index}
 
 
 def guess_channel_axis(shape: Sequence[int], rgb: bool = False, sample=None) -> int | None:
@@ -153,10 +163,15 @@ def build_image(
         scale=physical,
         dataset=str(meta.get("dataset", "")),
     )
-    if image.is_3d and z_mode != "keep":  # the one z rule (preprocessing.project_z)
-        image = project_z(image, z_mode, z_index)
-        scale, translate = scale[1:], translate[1:]
-    return BuiltImage(image, tuple(scale), tuple(translate))
+    z_done, z_at = None, None
+    if image.is_3d:
+        z_done = z_mode
+        if z_mode == "slice":
+            z_at = int(image.data.shape[1] // 2 if z_index is None else z_index)
+        if z_mode != "keep":  # the one z rule (preprocessing.project_z)
+            image = project_z(image, z_mode, z_at)
+            scale, translate = scale[1:], translate[1:]
+    return BuiltImage(image, tuple(scale), tuple(translate), z_done, z_at)
 
 
 # --------------------------------------------------------------------------- outcomes
@@ -220,10 +235,30 @@ def segment_image(
     from napari_maeprobe.pp.segmentation import segment
 
     seg = segment(image, method, nucleus_channel, cell_channel, diameter)
-    labels = np.asarray(seg.labels)
+    labels = compact_labels(np.asarray(seg.labels))
     return SegmentationResult(
         labels, boundary_map(labels).astype(np.uint8), seg.method, seg.n_cells, list(seg.notes)
     )
+
+
+def compact_labels(labels: np.ndarray) -> np.ndarray:
+    """``labels`` as uint16 (uint32 past 65,535 cells), C-contiguous; negatives kept as they are.
+
+    napari draws uint8/uint16 labels as they are, while wider dtypes are recast for the
+    texture (on the GUI thread, when the layer is added); the compact copy is made here, in
+    the worker (uint16 at least, so cells painted by hand in napari still have room).
+    """
+    labels = np.asarray(labels)
+    if labels.dtype.kind not in "iu":
+        labels = labels.astype(np.int64)
+    top = int(labels.max()) if labels.size else 0
+    low = int(labels.min()) if labels.size else 0
+    if low < 0:
+        return np.ascontiguousarray(labels)
+    for dtype in (np.uint16, np.uint32):
+        if top <= np.iinfo(dtype).max:
+            return np.ascontiguousarray(labels, dtype=dtype)
+    return np.ascontiguousarray(labels)
 
 
 # --------------------------------------------------------------------------- embedding
@@ -280,6 +315,27 @@ def warm_imports() -> None:
     da.zeros(2, chunks=1).sum().compute()
 
 
+def add_facts(out: str | Path, facts: dict) -> None:
+    """Add ``facts`` to the facts of the store at ``out`` (under its write lock)."""
+    from napari_maeprobe.embed.store import EmbeddingStore
+
+    store = EmbeddingStore(out, mode="a")
+    with store.lock("embed"):
+        store.set_facts({**store.facts, **facts})
+
+
+def finished_units(out: str | Path) -> int:
+    """How many finished units the store at ``out`` holds (0 when there is no store)."""
+    from napari_maeprobe.embed.store import EmbeddingStore
+
+    try:
+        if not (Path(out) / "zarr.json").is_file():
+            return 0
+        return len(EmbeddingStore(out).units())
+    except Exception:  # a half-written or removed store: nothing to resume from
+        return 0
+
+
 class EmbedTask:
     """One embedding run that can be cancelled from another thread: a :class:`Job` (``job``)
     whose token, once the engine says its worker process has started, also cancels the engine.
@@ -292,6 +348,8 @@ class EmbedTask:
     def __init__(self, on_progress: Callable[[int, int, str], None] | None = None) -> None:
         self.job = Job("embedding", on_progress=on_progress)
         self.engine = None  # the InferenceEngine, from the moment it starts its worker
+        #: after a cancel: the finished units left in the store (0: nothing was written)
+        self.kept_units = 0
         self._unhook: Callable[[], None] | None = None
 
     @property
@@ -323,18 +381,27 @@ class EmbedTask:
         job: EmbedJob,
         labels: np.ndarray | None = None,
         overwrite: bool = False,
+        facts: dict | None = None,
     ) -> EmbedResult:
         """Embed ``image`` into the store at ``out`` (worker thread); returns the EmbedResult.
 
-        Raises :class:`Cancelled` when cancelled, whatever the library was doing then.
+        ``facts`` are added to the store's facts once it is complete (e.g. which z-plane of a
+        stack the image is: :meth:`BuiltImage.z_facts`). Raises :class:`Cancelled` when
+        cancelled, whatever the library was doing then.
         """
         hold_full_gc()
         try:
-            return self._run(image, out, job, labels, overwrite)
+            result = self._run(image, out, job, labels, overwrite)
+            if facts:
+                add_facts(out, facts)
+                result.facts.update(facts)
+            return result
         except Cancelled:
+            self.kept_units = finished_units(out)
             raise
         except BaseException as exc:
             if self.cancelled:
+                self.kept_units = finished_units(out)
                 raise Cancelled("cancelled") from exc
             raise
         finally:

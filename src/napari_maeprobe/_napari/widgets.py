@@ -9,6 +9,7 @@ fix, and the buttons are re-enabled whatever happened.
 
 from __future__ import annotations
 
+import logging
 import tempfile
 import time
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ import napari.layers
 import numpy as np
 from napari.qt.threading import FunctionWorker, create_worker
 from napari.utils.notifications import show_error, show_info
-from qtpy.QtCore import QObject, Qt, Signal
+from qtpy.QtCore import QEvent, QObject, Qt, QTimer, Signal
 from qtpy.QtWidgets import (
     QAbstractItemView,
     QCheckBox,
@@ -54,9 +55,12 @@ from napari_maeprobe._napari.jobs import (
     segment_image,
     warm_imports,
 )
+from napari_maeprobe._napari.layers import is_overlay
 from napari_maeprobe.embed.job import MASKING_CHOICES, EmbedJob
 from napari_maeprobe.errors import MaeprobeInputError
 from napari_maeprobe.io.image import MicroscopyImage
+
+log = logging.getLogger(__name__)
 
 #: layers this plugin marks as boundary maps (not offered as cells)
 BOUNDARY_KIND = "boundaries"
@@ -72,8 +76,56 @@ def _layer_array(layer: napari.layers.Layer):
     return layer.data[0] if getattr(layer, "multiscale", False) else layer.data
 
 
+#: command-line wording in errors shared with the CLI -> the dock's controls (first match wins,
+#: in this order); the CLI keeps its own text, only what the GUI shows is translated
+GUI_WORDS: tuple[tuple[str, object], ...] = (
+    (r"maeprobe --debug shows the worker's traceback",
+     "the terminal napari runs in shows the worker's traceback"),
+    (r"so the same command resumes", "so Run with the same Output store resumes"),
+    (r"\(maeprobe segment\)", "('Segment cells' under 'Data and segmentation')"),
+    (r"\(see: maeprobe models\)|\(maeprobe models\)", "(the Model list)"),
+    (r"write to a new store with another --out, or pass --overwrite to replace it",
+     "type another Output store, or tick 'replace a store that holds another job'"),
+    (r"(?:choose |with )?(?:a new |another )?--out path ending in \.zarr",
+     "type an Output store ending in .zarr"),
+    (r"pass weights made for (\S+) with --weights",
+     "choose weights made for \\1 in the Weights file field"),
+    (r"\(--weights\)", "(in the Weights file field)"),
+    (r"(?:or )?pass --weights PATH", "choose a file in the Weights file field"),
+    (r"(?:pass |with )?--weights PATH", "the Weights file field"),
+    (r"(?:pass |with )?--weights", "the Weights file field"),
+    (r"use a smaller --batch-size, or --device cpu",
+     "close other programs that use the memory, or pick Device 'cpu'"),
+    (r"use --masking none, random or boundary", "pick none, random or boundary under Masking"),
+    (r"add --masking random or --masking boundary", "pick Masking 'random' or 'boundary'"),
+    (r"--device (\w+)", "Device '\\1'"),
+    (r"--masking (\w+)", "Masking '\\1'"),
+    (r"--mask-ratio ([\d.]+)", "Mask ratio \\1"),
+    (r"--tau ([\d.]+)", "Tau \\1"),
+    (r"--levels with", "the Levels boxes: tick"),
+    (r"drop --segmentation none", "segment the cells"),
+    (r"--channels NAME,\.\.\.|--channels", "the ticks under 'Data and segmentation'"),
+    (r"--channel-names", "the Channel name column"),
+    (r"--batch-size", "batch size (Device 'cpu' has more memory)"),
+    (r"--([a-z][a-z-]*)", lambda m: f"the {m.group(1).replace('-', ' ')} setting"),
+)
+
+
+def gui_message(text: str) -> str:
+    """``text`` (an error shared with the CLI) with its command-line flags named as the
+    dock's controls: "--weights PATH" becomes "the Weights file field", and so on."""
+    import re
+
+    for pattern, words in GUI_WORDS:
+        text = re.sub(pattern, words, text)
+    return text
+
+
 def _notify_error(exc: BaseException) -> None:
-    show_error(error_message(exc))
+    traceback = getattr(exc, "worker_traceback", None)
+    if traceback:  # a crash in the model's worker: its traceback goes to the terminal
+        log.error("the inference worker's traceback:\n%s", traceback)
+    show_error(gui_message(error_message(exc)))
 
 
 class _Relay(QObject):
@@ -109,6 +161,20 @@ class _Row:
         return (self.layer_id, self.index)
 
 
+def _channel_default(layer: napari.layers.Layer) -> str:
+    """A one-channel layer's channel name: the channel its reader named, else the layer's name.
+
+    Readers name channels they know nothing about ``c0``, ``c1``...; such a placeholder is
+    never shown as the channel of a one-channel layer: the layer (file) name is.
+    """
+    import re
+
+    channel = str(layer.metadata.get("channel") or "")
+    if not channel or re.fullmatch(r"c\d+", channel):
+        return str(layer.name)
+    return channel
+
+
 def _disconnect(viewer, watched: dict, callback, *_) -> None:
     """Stop following the viewer's layers once the widget is gone (the viewer may live on)."""
     emitters = [viewer.layers.events.inserted, viewer.layers.events.removed]
@@ -118,6 +184,48 @@ def _disconnect(viewer, watched: dict, callback, *_) -> None:
             emitter.disconnect(callback)
         except (RuntimeError, ValueError, TypeError):
             pass
+
+
+#: how the cells and boundary layers of a segmentation are shown
+CELLS_STYLE = {"opacity": 0.5}
+
+
+def _boundary_style() -> dict:
+    """The boundary map in yellow on transparent. A cyclic colormap of these two colours, not
+    a direct ``{None: transparent, 1: yellow}`` one: napari builds a direct colormap as a numba
+    typed dict, compiled afresh in every session (1.5-2 s measured, holding the GIL even in a
+    worker thread); the cyclic colormap's kernels are cached on disk by numba."""
+    from napari.utils.colormaps import CyclicLabelColormap
+
+    colors = np.array([[0.0, 0.0, 0.0, 0.0], [1.0, 1.0, 0.0, 1.0]])
+    return {"colormap": CyclicLabelColormap(colors=colors), "opacity": 0.8}
+
+
+def _warm_labels_display(*samples: tuple[np.ndarray, dict]) -> None:
+    """Load napari's label-colour code for these dtypes and colormaps (worker thread).
+
+    The first Labels layer of a dtype / colormap kind loads (or JIT-compiles) napari's numba
+    kernels (texture cast, colormap look-up): part of the 1.5-2.5 s measured on the GUI thread
+    when the layers of a segmentation were added. A throw-away 8 x 8 layer of each kind, made
+    here in the worker, pays that once; the layers then added on the GUI thread only take
+    finished arrays (what is left there is napari making the layers' visuals).
+    """
+    for data, style in samples:
+        try:
+            tiny = np.ascontiguousarray(data[(slice(0, 8),) * data.ndim])
+            layer = napari.layers.Labels(tiny, **style)
+            layer.colormap.map(tiny)
+            layer.colormap._data_to_texture(tiny)  # what the canvas draws with
+        except Exception as exc:  # only a warm-up: the layers still work without it
+            log.debug("label display warm-up skipped: %s", exc)
+
+
+def _segment_for_layers(image, method, nucleus, cell, diameter):
+    """Segment (worker thread), with everything the layers need made here, not in the slot:
+    labels as uint16/uint32, the uint8 boundary map and napari's compiled colour code."""
+    res = segment_image(image, method, nucleus, cell, diameter)
+    _warm_labels_display((res.labels, CELLS_STYLE), (res.boundaries, _boundary_style()))
+    return res
 
 
 def _busy(bar: QProgressBar, text: str) -> None:
@@ -142,6 +250,8 @@ class DataWidget(QWidget):
     segmented = Signal(object)
     #: emitted with "done", "cancelled" or "error" when a segmentation run ends
     segmentation_finished = Signal(str)
+    #: emitted when the z handling or the ticked image changes (the Embed dock checks the model)
+    z_changed = Signal()
 
     def __init__(self, viewer: napari.viewer.Viewer, parent: QWidget | None = None) -> None:
         super().__init__(parent)
@@ -152,6 +262,8 @@ class DataWidget(QWidget):
         self._labels_auto = True
         self._worker = None
         self._seg_built: BuiltImage | None = None
+        self._seg_pending: tuple | None = None
+        self._seg_clicked = 0.0
         self._building = False
         self._build_ui()
         viewer.layers.events.inserted.connect(self._on_layers_changed)
@@ -251,14 +363,21 @@ class DataWidget(QWidget):
 
     # ------------------------------------------------------------------ layers -> rows
     def _image_layers(self) -> list[napari.layers.Image]:
-        return [ly for ly in self.viewer.layers if isinstance(ly, napari.layers.Image)]
+        """The viewer's image layers, less the explorer's overlays (views, not channels)."""
+        return [
+            ly
+            for ly in self.viewer.layers
+            if isinstance(ly, napari.layers.Image) and not is_overlay(ly)
+        ]
 
     def _labels_layers(self) -> list[napari.layers.Labels]:
+        """The Labels layers that can be cells: not boundary maps, not the explorer's overlays."""
         return [
             ly
             for ly in self.viewer.layers
             if isinstance(ly, napari.layers.Labels)
             and ly.metadata.get("maeprobe_kind") != BOUNDARY_KIND
+            and not is_overlay(ly)
         ]
 
     def _layer(self, layer_id) -> napari.layers.Layer | None:
@@ -285,6 +404,9 @@ class DataWidget(QWidget):
         return tuple(shape)
 
     def _on_layers_changed(self, event=None) -> None:
+        layer = getattr(event, "value", None)  # inserted / removed: the layer
+        if is_overlay(layer):  # the explorer's own overlays change nothing here
+            return
         self.refresh()
 
     def _watch(self, layers: list[napari.layers.Layer]) -> None:
@@ -301,12 +423,12 @@ class DataWidget(QWidget):
     def refresh(self) -> None:
         """Rebuild the rows from the viewer's layers, keeping order, ticks and edited names."""
         layers = self._image_layers()
-        self._watch(list(self.viewer.layers))
+        self._watch([ly for ly in self.viewer.layers if not is_overlay(ly)])
         wanted: list[_Row] = []
         for ly in layers:
             axis = self._channel_axis(ly)
             if axis is None:
-                default = str(ly.metadata.get("channel") or ly.name)
+                default = _channel_default(ly)
                 wanted.append(_Row(ly.unique_id, None, default, default, False))
             else:
                 n = int(_layer_array(ly).shape[axis])
@@ -470,6 +592,20 @@ class DataWidget(QWidget):
     def _update_z_controls(self) -> None:
         self.z_spin.setEnabled(self.z_combo.isEnabled() and self.z_combo.currentData() == "slice")
         self._update_labels_combo()  # 2D or 3D cells follow the z handling
+        self.z_changed.emit()
+
+    def is_z_stack(self) -> bool:
+        """Whether the ticked image is a z-stack (3 spatial axes before any z handling)."""
+        ticked = [r for r in self._rows if r.checked]
+        return bool(ticked) and len(self._spatial_shape(ticked[0])) == 3
+
+    def z_mode(self) -> str:
+        """The z handling chosen: "max", "slice" or "keep" (native 3D)."""
+        return self.z_combo.currentData()
+
+    def z_mode_text(self) -> str:
+        """The z handling as the Z-stacks list shows it (e.g. "max projection")."""
+        return self.z_combo.currentText()
 
     def _output_shape(self) -> tuple[int, ...]:
         """The spatial shape of the image that ``current_image`` builds (after z handling)."""
@@ -582,7 +718,7 @@ class DataWidget(QWidget):
         nucleus = self.nucleus_combo.currentText()
         cell = self.cell_combo.currentText()
         fn = partial(
-            segment_image,
+            _segment_for_layers,
             built.image,
             self.method_combo.currentText(),
             None if nucleus in ("", AUTO_CHANNEL) else nucleus,
@@ -593,39 +729,60 @@ class DataWidget(QWidget):
         worker = create_worker(job, _start_thread=False, _ignore_errors=True)
         worker.returned.connect(self._segmentation_done)  # a bound slot: gone with the widget
         self._worker, self._seg_built = worker, built
+        self._seg_clicked = time.perf_counter()
         self.segment_button.setEnabled(False)
         self.segment_status.setText(f"segmenting {built.image.name}...")
         _busy(self.segment_progress, "segmenting...")
         worker.start()
 
     def _segmentation_done(self, outcome: Outcome) -> None:
+        """The worker's result: show the layers, one per turn of the event loop.
+
+        Everything was computed in the worker (uint16 labels, the boundary map, napari's
+        colour code loaded); what is left here is napari making each layer's visuals (0.1-0.2 s
+        per Labels layer measured on the 6-channel Cell Painting field, more on a loaded
+        machine), so the two layers are added in two turns and the GUI draws in between.
+        """
         built = self._seg_built
-        self._worker = None
-        self.segment_button.setEnabled(True)
-        self.segment_progress.setVisible(False)
         if outcome.status != "done":
+            self._worker = None
+            self.segment_button.setEnabled(True)
+            self.segment_progress.setVisible(False)
             self.segment_status.setText("segmentation failed")
             _notify_error(outcome.error)
             self.segmentation_finished.emit(outcome.status)
             return
         res = outcome.value
-        name = built.image.name
-        cells = self._put_labels(f"{name} cells", res.labels, built, {"maeprobe_kind": "cells"})
+        _busy(self.segment_progress, "adding the layers...")
+        cells = self._put_labels(
+            f"{built.image.name} cells", res.labels, built, {"maeprobe_kind": "cells"},
+            **CELLS_STYLE,
+        )  # fmt: skip
+        self._seg_pending = (res, built, cells)
+        QTimer.singleShot(50, self._segmentation_shown)  # a paint and timer ticks between
+
+    def _segmentation_shown(self) -> None:
+        """Second turn after a segmentation: the boundary layer, the cells choice, the news."""
+        pending, self._seg_pending = self._seg_pending, None
+        if pending is None:
+            return
+        res, built, cells = pending
         self._put_labels(
-            f"{name} boundaries",
+            f"{built.image.name} boundaries",
             res.boundaries,
             built,
             {"maeprobe_kind": BOUNDARY_KIND},
-            colormap={None: "transparent", 1: "yellow"},
-            opacity=0.8,
+            **_boundary_style(),
         )
+        self._worker = None
+        self.segment_button.setEnabled(True)
+        self.segment_progress.setVisible(False)
         self._labels_auto = True  # use the new cells (and follow later changes)
         self._update_labels_combo()
-        self.segment_status.setText(
-            f"{res.n_cells} cells ({res.method}) in {outcome.seconds:.1f} s"
-        )
+        waited = time.perf_counter() - self._seg_clicked  # from the click: what the user waited
+        self.segment_status.setText(f"{res.n_cells} cells ({res.method}) in {waited:.1f} s")
         for note in res.notes:
-            show_info(note)
+            show_info(gui_message(note))
         self.segmented.emit(cells)
         self.segmentation_finished.emit("done")
 
@@ -633,7 +790,9 @@ class DataWidget(QWidget):
         self, name: str, data: np.ndarray, built: BuiltImage, metadata: dict, **kwargs
     ) -> napari.layers.Labels:
         """Add (or update) a Labels layer aligned with the image layers."""
-        layer = next((ly for ly in self.viewer.layers if ly.name == name), None)
+        layer = next(
+            (ly for ly in self.viewer.layers if ly.name == name and not is_overlay(ly)), None
+        )
         if isinstance(layer, napari.layers.Labels) and layer.ndim == data.ndim:
             layer.data = data
             layer.scale = built.scale
@@ -641,7 +800,6 @@ class DataWidget(QWidget):
             return layer
         if layer is not None:
             self.viewer.layers.remove(layer)
-        kwargs.setdefault("opacity", 0.5)
         return self.viewer.add_labels(
             data,
             name=name,
@@ -685,6 +843,18 @@ def _usable_devices() -> list[str]:
     return out
 
 
+def model_is_3d(spec) -> bool:
+    """Whether a registered model takes 3D crops: its config's patch size has three sides
+    (``mae3d``: (10, 8, 8)); the 2D models have one side (``default``: 12)."""
+    import dataclasses
+
+    for f in dataclasses.fields(spec.config):
+        if f.name == "patch_size":
+            default = None if f.default is dataclasses.MISSING else f.default
+            return isinstance(default, (tuple, list)) and len(default) == 3
+    return False
+
+
 class EmbedWidget(QWidget):
     """The "Embed" dock: run a model over the cells of the current image into a store.
 
@@ -716,8 +886,12 @@ class EmbedWidget(QWidget):
         self.last_outcome: Outcome | None = None
         self._relay = _Relay(self)
         self._relay.progress.connect(self._on_progress)
+        self._hooked: DataWidget | None = None
+        self._run_clicked: float | None = None
+        self._run_kind = ""  # what the "segmenting" stage of the run does, in words
         warm_imports()
         self._build_ui()
+        self.follow_data(data_widget or self._docked_data_widget())
 
     # ------------------------------------------------------------------ UI
     def _build_ui(self) -> None:
@@ -727,6 +901,7 @@ class EmbedWidget(QWidget):
         self._specs = {}
         for spec in list_models():
             ok, where = weights_status(spec)
+            where = gui_message(where)
             here = "weights on this machine" if ok else "weights not on this machine"
             self.model_combo.addItem(f"{spec.name}  [{spec.licence}; {here}]", spec.name)
             idx = self.model_combo.count() - 1
@@ -741,6 +916,10 @@ class EmbedWidget(QWidget):
         self.model_combo.currentIndexChanged.connect(self._update_controls)
         self.model_info = QLabel()
         self.model_info.setWordWrap(True)
+        self.z_note = QLabel()  # a 3D model with a 2D image, or 'native 3D' with a 2D model
+        self.z_note.setWordWrap(True)
+        self.z_note.setStyleSheet("color: #e8a33d")
+        self.z_note.setVisible(False)
         self.weights_edit = QLineEdit()
         self.weights_edit.setPlaceholderText("the model's own weights")
         weights_browse = QPushButton("Browse...")
@@ -793,6 +972,7 @@ class EmbedWidget(QWidget):
             "says whether its cell touches the border and how much of its crop is padding"
         )
         self.crops_check = QCheckBox("the selected layer is a crop stack (one cell per crop)")
+        self.crops_check.toggled.connect(lambda *_: self._update_z_note())
         self.crops_check.setToolTip(
             "Embed the selected 4D/5D image layer as single-cell crops: crop axis first, then "
             "channels ((N, C, Y, X) or (N, C, Z, Y, X)); no segmentation, each crop one cell"
@@ -802,6 +982,7 @@ class EmbedWidget(QWidget):
         form = QFormLayout(settings)
         form.addRow("Model:", self.model_combo)
         form.addRow(self.model_info)
+        form.addRow(self.z_note)
         form.addRow("Weights file:", weights_row)
         form.addRow("Device:", self.device_combo)
         form.addRow("Levels:", levels_row)
@@ -850,8 +1031,10 @@ class EmbedWidget(QWidget):
     def _update_controls(self) -> None:
         spec, ok, where = self._specs[self.model_combo.currentData()]
         here = "on this machine" if ok else f"not on this machine ({where})"
-        self.model_info.setText(f"Weights licence: {spec.licence}; {here}")
+        dims = "3D model (z-stacks, 'native 3D')" if model_is_3d(spec) else "2D model"
+        self.model_info.setText(f"{dims}; weights licence: {spec.licence}; {here}")
         self.model_info.setToolTip(spec.summary)
+        self._update_z_note()
         masked = self.masking_combo.currentText() != "none"
         self.ratio_spin.setEnabled(masked)
         self.tau_spin.setEnabled(self.masking_combo.currentText() == "boundary")
@@ -893,16 +1076,78 @@ class EmbedWidget(QWidget):
             self.open_h5ad(path)
 
     # ------------------------------------------------------------------ settings -> job
+    def _docked_data_widget(self) -> DataWidget | None:
+        try:
+            docks = list(self.viewer.window.dock_widgets.values())
+        except (AttributeError, RuntimeError):  # no window (yet)
+            return None
+        return next((w for w in docks if isinstance(w, DataWidget)), None)
+
     def data_widget(self) -> DataWidget:
         """The DataWidget to take the image from: given, docked in the viewer, or a new one."""
         if self._data_widget is not None:
             return self._data_widget
-        for widget in self.viewer.window.dock_widgets.values():
-            if isinstance(widget, DataWidget):
-                return widget
+        widget = self._docked_data_widget()
+        if widget is not None:
+            self.follow_data(widget)
+            return widget
         self._data_widget = DataWidget(self.viewer)
         self.viewer.window.add_dock_widget(self._data_widget, name="Data and segmentation")
+        self.follow_data(self._data_widget)
         return self._data_widget
+
+    def follow_data(self, data: DataWidget | None) -> None:
+        """Follow this data widget's z handling: the model's dimensions are checked against it
+        and a mismatch is flagged under the model (the data dock calls it when opened later)."""
+        if data is None or data is self._hooked:
+            return
+        self._hooked = data
+        data.z_changed.connect(self._update_z_note)
+        self._update_z_note()
+
+    def z_problem(self, data: DataWidget | None = None) -> MaeprobeInputError | None:
+        """Why the model cannot take the image as the z handling makes it, or ``None``.
+
+        A 2D model cannot embed a z-stack kept as 'native 3D' (it would be refused later with a
+        misleading label-shape message, or silently projected); a 3D model needs one.
+        """
+        data = data or self._hooked
+        if data is None or self.crops_check.isChecked() or not data.channel_names():
+            return None
+        name = self.model_combo.currentData()
+        three_d = model_is_3d(self._specs[name][0])
+        stack, mode = data.is_z_stack(), data.z_mode()
+        if stack and mode == "keep" and not three_d:
+            return MaeprobeInputError(
+                f"the {name} model is 2D, but 'native 3D' keeps the z-stack",
+                "pick 'max projection' or 'one slice' under Z-stacks in 'Data and "
+                "segmentation', or a 3D model such as mae3d",
+            )
+        if three_d and not (stack and mode == "keep"):
+            if stack:
+                return MaeprobeInputError(
+                    f"the {name} model is 3D, but the z-stack is made 2D "
+                    f"('{data.z_mode_text()}')",
+                    "pick 'native 3D' under Z-stacks in 'Data and segmentation', or a 2D "
+                    "model such as default",
+                )
+            return MaeprobeInputError(
+                f"the {name} model is 3D, but the image is 2D",
+                "tick a z-stack under 'Data and segmentation', or pick a 2D model such as "
+                "default",
+            )
+        return None
+
+    def _update_z_note(self) -> None:
+        """Flag, next to the model, a model / z-handling mismatch before Run is clicked."""
+        if not hasattr(self, "z_note"):
+            return
+        try:
+            problem = self.z_problem()
+        except RuntimeError:  # the data widget it followed was closed
+            self._hooked, problem = None, None
+        self.z_note.setText("" if problem is None else f"⚠ {gui_message(str(problem))}")
+        self.z_note.setVisible(problem is not None)
 
     def current_job(self, data: DataWidget | None = None) -> EmbedJob:
         """The :class:`EmbedJob` the settings describe (segmentation settings from ``data``)."""
@@ -949,7 +1194,11 @@ class EmbedWidget(QWidget):
         from napari_maeprobe.io.crops import crop_stack_from_array
 
         layer = self.viewer.layers.selection.active
-        if not isinstance(layer, napari.layers.Image) or layer.data.ndim not in (4, 5):
+        if (
+            not isinstance(layer, napari.layers.Image)
+            or is_overlay(layer)
+            or layer.data.ndim not in (4, 5)
+        ):
             raise MaeprobeInputError(
                 "no crop stack is selected: a crop stack is a 4D or 5D image layer "
                 f"(selected: {getattr(layer, 'name', 'nothing')})",
@@ -966,21 +1215,31 @@ class EmbedWidget(QWidget):
         """Start embedding the current image, or the selected crop stack (the Run button)."""
         if self._worker is not None:
             return
+        clicked = time.perf_counter()
         data = self.data_widget()
+        facts: dict = {}
         try:
             if self.crops_check.isChecked():
                 image, labels = self.selected_crop_stack(), None
             else:
+                problem = self.z_problem(data)
+                if problem is not None:
+                    raise problem
                 built = data.current_build()
                 image, labels = built.image, data.current_labels(built)
+                facts = built.z_facts()
             job = self.current_job(data)
+            if facts.get("projection") in ("max", "slice"):  # the plane embedded, as the job
+                job.projection = facts["projection"]  # says it (facts add the slice index)
             job.check()
             out = self.output_path(image.name, job.model)
         except MaeprobeInputError as exc:
             _notify_error(exc)
             return
         task = EmbedTask(on_progress=self._relay.progress.emit)
-        fn = partial(task.run, image, out, job, labels, self.overwrite_check.isChecked())
+        fn = partial(
+            task.run, image, out, job, labels, self.overwrite_check.isChecked(), facts or None
+        )
         named = NamedJob(f"maeprobe: embedding {image.name}", fn, job=task.job)
         worker = create_worker(
             named, _start_thread=False, _ignore_errors=True, _worker_class=_CancellableWorker
@@ -990,11 +1249,16 @@ class EmbedWidget(QWidget):
         self.destroyed.connect(task.cancel)  # a closed viewer stops the run and its worker
         self._worker, self._task, self._out = worker, task, out
         self._cancel_clicked = None
+        self._run_clicked = clicked
         self.last_result = None
         self._set_running(True)
-        n = "given cells" if labels is not None else f"cells segmented ({job.segmentation})"
         if self.crops_check.isChecked():
-            n = f"{image.n_crops} crops, one cell each"
+            n, self._run_kind = f"{image.n_crops} crops, one cell each", "reading the crops"
+        elif labels is not None:
+            n, self._run_kind = "given cells", "preparing the given cells"
+        else:
+            n = f"cells segmented ({job.segmentation})"
+            self._run_kind = f"segmenting the cells ({job.segmentation})"
         self.status_label.setText(f"embedding {image.name} ({n}) with {job.model}")
         self.summary_label.setText("")
         _busy(self.progress_bar, "starting...")
@@ -1023,9 +1287,13 @@ class EmbedWidget(QWidget):
         if total <= 0:
             _busy(bar, f"{desc}...")
             return
+        if desc == "segmenting":  # one image here: say what is done to it, not "1 / 1 images"
+            if done < total:
+                _busy(bar, f"{self._run_kind or 'segmenting the cells'}...")
+            return
         bar.setRange(0, total)
         bar.setValue(min(done, total))
-        bar.setFormat("%v / %m cells" if desc == "embedding" else f"{desc}: %v / %m images")
+        bar.setFormat("%v / %m cells" if desc == "embedding" else f"{desc}: %v / %m")
 
     def _run_done(self, outcome: Outcome) -> None:
         out, task = self._out, self._task
@@ -1042,11 +1310,12 @@ class EmbedWidget(QWidget):
             res = outcome.value
             self.last_result = res
             rows = ", ".join(f"{lvl} {n:,}" for lvl, n in res.rows.items())
-            self.status_label.setText(f"done in {res.seconds:.1f} s")
+            waited = time.perf_counter() - (self._run_clicked or time.perf_counter())
+            self.status_label.setText(f"done in {waited:.1f} s")
             self.summary_label.setText(
                 f"{res.store.path}\nrows: {rows}\n{res.units_done} unit(s) embedded, "
-                f"{res.units_skipped} resumed from the store; {res.seconds:.1f} s "
-                f"on {res.facts.get('device', '?')}"
+                f"{res.units_skipped} resumed from the store; embedding {res.seconds:.1f} s "
+                f"of {waited:.1f} s, on {res.facts.get('device', '?')}"
             )
             self.run_finished.emit("done")
             self.store_ready.emit(Path(res.store.path))
@@ -1057,9 +1326,16 @@ class EmbedWidget(QWidget):
                 if self._cancel_clicked is not None
                 else ""
             )
-            self.status_label.setText(
-                f"cancelled{waited}; finished units stay in {out} (Run with it as output resumes)"
-            )
+            kept = task.kept_units if task is not None else 0
+            if kept:
+                if not self.out_edit.text().strip():  # so that Run resumes this store
+                    self.out_edit.setText(str(out))
+                self.status_label.setText(
+                    f"cancelled{waited}; {kept} finished unit(s) stay in {out} (Run with it as "
+                    "the Output store resumes)"
+                )
+            else:
+                self.status_label.setText(f"cancelled{waited}; nothing was written")
         else:
             self.status_label.setText("failed (see the notification)")
             _notify_error(outcome.error)
@@ -1107,3 +1383,10 @@ class EmbedWidget(QWidget):
         """A closed widget stops its run (and the model's worker process)."""
         self.cancel()
         super().closeEvent(event)
+
+    def event(self, event) -> bool:
+        """Taken out of its dock (napari's close button and ``remove_dock_widget`` unparent the
+        widget without closing it): the run stops. Hiding, e.g. behind another tab, does not."""
+        if event.type() == QEvent.Type.ParentChange and self.parent() is None:
+            self.cancel()
+        return super().event(event)
