@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from qtpy.QtCore import QEvent, Qt, QTimer, Signal
+from qtpy.QtCore import QEvent, QSize, Qt, QTimer, Signal
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
@@ -47,7 +47,7 @@ from qtpy.QtWidgets import (
 )
 
 from napari_maeprobe._napari.gallery_widget import GalleryWidget
-from napari_maeprobe._napari.hub import hub_for
+from napari_maeprobe._napari.hub import compact_combos, hub_for
 from napari_maeprobe._napari.layers import OVERLAY_KEY, is_overlay
 from napari_maeprobe._napari.scatter import LegendWidget, ScatterCanvas
 from napari_maeprobe.errors import MaeprobeInputError
@@ -172,6 +172,7 @@ class ExplorerWidget(QWidget):
         self.comparison: dict | None = None  # the last batch-versus-biology result
         self.embedded = 0  # rows of the loaded level with an embedding
         self._build_ui()
+        compact_combos(self)
         self._connect()
         hub = hub_for(viewer)
         hub.store_ready.connect(self.load)
@@ -873,6 +874,8 @@ class ExplorerWidget(QWidget):
         key = (id(rows), seed)
         order = self._order if self._order_key == key else None
         cache = self._labels_cache
+        # four panels and a caption across the dock's width, 64 to 160 px each
+        size = int(np.clip((self.gallery.width() - 140) / 4 - 8, 64, 160))
         self.gallery.set_busy(f"drawing the cells of {len(rows):,} selected rows...")
 
         def work():
@@ -888,7 +891,7 @@ class ExplorerWidget(QWidget):
                     found = _read_labels(data, image)
                     cache[image] = found if found is not None else fallback.get(image)
                 labels[image] = cache[image]
-            tiles = cell_tiles(data, page, channels, labels, z_index=z_index)
+            tiles = cell_tiles(data, page, channels, labels, z_index=z_index, size=size)
             return ordered, tiles
 
         def done(result) -> None:
@@ -1103,6 +1106,23 @@ class ExplorerWidget(QWidget):
             elif self._docked:
                 self.shutdown()
         return super().event(ev)
+
+    def sizeHint(self) -> QSize:  # noqa: N802 (Qt API)
+        """Wide enough for a readable scatter and four gallery panels; the canvas keeps more
+        than half of a 1920-px window."""
+        return QSize(580, 900)
+
+    def showEvent(self, event) -> None:  # noqa: N802 (Qt API)
+        """First shown: the scatter (with its legend) takes 55 % of the height, the tabs the
+        rest (the splitter would otherwise share by the tab pages' large size hints)."""
+        super().showEvent(event)
+        if not getattr(self, "_sized", False):
+            self._sized = True
+            QTimer.singleShot(0, self._size_splitter)
+
+    def _size_splitter(self) -> None:
+        total = max(self.splitter.height(), 400)
+        self.splitter.setSizes([int(total * 0.55), total - int(total * 0.55)])
 
     def _on_docked(self) -> None:
         """Once in the window: share the dock area with the other maeprobe docks as tabs, and

@@ -75,11 +75,13 @@ class GalleryWidget(QWidget):
         self.per_page.setRange(1, 48)
         self.per_page.setValue(6)
         self.per_page.setToolTip("cells per page")
-        self.prev_button = QPushButton("◀ previous")
-        self.next_button = QPushButton("next ▶")
+        self.prev_button = QPushButton("◀")
+        self.prev_button.setToolTip("previous page")
+        self.next_button = QPushButton("▶")
+        self.next_button.setToolTip("next page")
         self.resample_button = QPushButton("Resample")
         self.resample_button.setToolTip("a random draw of cells from the selection")
-        self.typical_button = QPushButton("Most typical")
+        self.typical_button = QPushButton("Typical")
         self.typical_button.setToolTip(
             "cells nearest the selection's mean embedding first (the default order)"
         )
@@ -98,7 +100,7 @@ class GalleryWidget(QWidget):
         controls = QHBoxLayout()
         for w in (self.prev_button, self.next_button, self.resample_button, self.typical_button):
             controls.addWidget(w)
-        controls.addWidget(QLabel("per page"))
+        controls.addWidget(QLabel("cells"))
         controls.addWidget(self.per_page)
         controls.addStretch(1)
         layout = QVBoxLayout(self)

@@ -71,4 +71,25 @@ def arrange_docks(widget) -> None:
             ours.append(other)
     for other in ours[1:] + [dock] if ours else []:
         window.tabifyDockWidget(ours[0], other)
-    dock.raise_()
+    from qtpy.QtCore import Qt, QTimer
+
+    def settle() -> None:  # after Qt has settled the new tab bar
+        dock.raise_()
+        width = min(widget.sizeHint().width(), window.width() // 3)
+        if width > dock.width():  # the explorer's scatter and gallery want ~580 px, not ~400
+            window.resizeDocks([dock], [width], Qt.Orientation.Horizontal)
+
+    QTimer.singleShot(0, settle)
+
+
+def compact_combos(widget, chars: int = 8) -> None:
+    """Let every combo box of ``widget`` shrink to ``chars`` characters (long model names and
+    column names otherwise set the dock's minimum width, and the canvas pays for it); the full
+    text stays in the drop-down list and the tooltip."""
+    from qtpy.QtWidgets import QComboBox
+
+    for combo in widget.findChildren(QComboBox):
+        combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+        combo.setMinimumContentsLength(chars)
+        if not combo.toolTip():  # the whole choice on hover, however narrow the box
+            combo.currentTextChanged.connect(combo.setToolTip)

@@ -43,6 +43,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from napari_maeprobe._napari.hub import compact_combos
 from napari_maeprobe._napari.jobs import (
     BuiltImage,
     ChannelSource,
@@ -266,6 +267,7 @@ class DataWidget(QWidget):
         self._seg_clicked = 0.0
         self._building = False
         self._build_ui()
+        compact_combos(self)
         viewer.layers.events.inserted.connect(self._on_layers_changed)
         viewer.layers.events.removed.connect(self._on_layers_changed)
         self.destroyed.connect(partial(_disconnect, viewer, self._watched, self._on_layers_changed))
@@ -891,6 +893,7 @@ class EmbedWidget(QWidget):
         self._run_kind = ""  # what the "segmenting" stage of the run does, in words
         warm_imports()
         self._build_ui()
+        compact_combos(self)
         self.follow_data(data_widget or self._docked_data_widget())
 
     # ------------------------------------------------------------------ UI
