@@ -168,8 +168,10 @@ def explorer_3d() -> None:
     _wait(lambda: explorer.data is not None, timeout=300)
     viewer.dims.ndisplay = 3
     viewer.camera.angles = (0.0, 35.0, 60.0)
-    for layer in viewer.layers:
-        if layer.name.endswith("cells") and not layer.name.startswith("nuclei selected"):
+    from napari_maeprobe._napari.layers import is_overlay
+
+    for layer in viewer.layers:  # the cells' random colours would hide the selected boxes
+        if layer.__class__.__name__ == "Labels" and not is_overlay(layer):
             layer.visible = False
     _pick_cluster(explorer, min_rows=100)
     _settle(1.5)

@@ -187,6 +187,31 @@ def test_reconstruction_panel_is_the_stored_reconstruction_per_channel_stretched
         assert np.abs(t.panels["reconstruction"].astype(np.int16) - expected).max() <= 1
 
 
+def test_reconstruction_is_shown_in_the_inputs_units_where_patches_were_seen(imc_store, imc):
+    """With a layer's contrast limits, the reconstruction panel of a channel equals its input
+    panel on the patches the model saw (there the reconstruction is the model's normalised
+    input, mapped back to raw units), and differs where the patches were masked."""
+    image, labels = imc
+    raw = image.to_numpy().astype(np.float64)
+    data = _data(imc_store, "global")
+    cells = _some_cells(data, labels, 4)
+    ids, masks = imc_store.read_cells("mask", 0)
+    checked = 0
+    for c, name in enumerate(image.channel_names[:3]):
+        view = ChannelView(name, raw[c], (1.0, 1.0, 1.0), tuple(np.percentile(raw[c], (1, 99.8))))
+        tiles = cell_tiles(data, cells, {image.name: [view]}, {image.name: labels})
+        for t in tiles:
+            m = masks[list(ids).index(t.cell_id)][c]  # (8, 8), True = masked
+            seen = np.kron((~m).astype(np.uint8), np.ones((12, 12), np.uint8)) == 1
+            got = t.panels["reconstruction"].astype(np.float64)
+            want = t.panels["input"].astype(np.float64)
+            if want[seen].max() < 20:
+                continue  # a blank crop of this channel says nothing
+            assert np.median(np.abs(got[seen] - want[seen])) <= 3  # same units and contrast
+            checked += 1
+    assert checked >= 4
+
+
 def test_order_cells_puts_the_cell_nearest_the_selections_mean_first(imc_store):
     data = _data(imc_store, "patch")  # masked patches have NaN embeddings
     obs = data.obs

@@ -142,7 +142,7 @@ def test_selection_overlays_follow_the_selection_and_go_with_it(viewer, qtbot, s
     with qtbot.waitSignal(widget.layers_updated, timeout=10_000):
         qtbot.mouseClick(widget.clear_button, Qt.MouseButton.LeftButton)
     assert _overlays(viewer) == {}
-    assert widget.gallery.tiles == []
+    assert widget.gallery.tiles == [] and widget.gallery._grid.count() == 0
 
 
 def test_the_data_widget_never_takes_the_overlays_as_channels(viewer, qtbot, sample_store):
@@ -464,5 +464,42 @@ def test_three_docks_fit_a_1080p_screen(qtbot):
 
         explorer = hub_for(v).explorer
         assert explorer.isVisible() and explorer.scatter.height() >= 300
+    finally:
+        v.close()
+
+
+def test_a_real_mouse_click_on_a_cell_lights_up_its_points(qtbot, sample_store):
+    """A Qt mouse press and release on napari's canvas, over a cell: the explorer highlights that
+    cell's rows in the scatter (the viewer's own mouse callbacks, no shortcut)."""
+    import napari
+    from qtpy.QtCore import QPoint
+
+    from napari_maeprobe._napari.explorer_widget import ExplorerWidget
+    from napari_maeprobe.io.samples import load_sample
+
+    image, labels = load_sample("imc")
+    v = napari.Viewer(show=True)
+    try:
+        _add_image(v, image, labels)
+        widget = ExplorerWidget(v)
+        v.window.add_dock_widget(widget, name="explorer")
+        with qtbot.waitSignal(widget.loaded, timeout=60_000):
+            widget.load(sample_store, "global")
+        cell = int(np.bincount(labels.ravel())[1:].argmax() + 1)  # the largest cell
+        y, x = np.argwhere(labels == cell).mean(axis=0)
+        y, x = np.argwhere(labels == cell)[np.argmin(np.hypot(*(np.argwhere(labels == cell)
+                                                               - (y, x)).T))]  # fmt: skip
+        v.camera.center = (float(y), float(x))
+        v.camera.zoom = 6.0
+        qtbot.wait(200)
+        canvas = v.window._qt_viewer.canvas.native
+        centre = QPoint(canvas.width() // 2, canvas.height() // 2)
+        qtbot.mouseClick(canvas, Qt.MouseButton.LeftButton, pos=centre)
+        qtbot.waitUntil(lambda: len(widget.last_clicked) > 0, timeout=5_000)
+        obs = widget.data.obs
+        want = np.flatnonzero(((obs["image"] == IMAGE) & (obs["cell_id"] == cell)).to_numpy())
+        np.testing.assert_array_equal(widget.last_clicked, want)
+        np.testing.assert_array_equal(widget.scatter.highlighted(), want)
+        widget.shutdown()
     finally:
         v.close()

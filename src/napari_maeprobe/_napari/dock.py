@@ -8,13 +8,26 @@ widget and a finished or opened store reaches the explorer.
 from __future__ import annotations
 
 import napari
+from qtpy.QtCore import QEvent, QTimer
 
 from napari_maeprobe._napari.explorer_widget import ExplorerWidget
-from napari_maeprobe._napari.hub import hub_for
+from napari_maeprobe._napari.hub import arrange_docks, hub_for
 from napari_maeprobe._napari.widgets import DataWidget, EmbedWidget
 
 
-class DataDock(DataWidget):
+class _Tabbed:
+    """Once docked, share the dock area with the other maeprobe docks as tabs (see
+    :func:`~napari_maeprobe._napari.hub.arrange_docks`): stacked, they outgrow a 1080p screen."""
+
+    def event(self, ev) -> bool:  # noqa: D401 (Qt API)
+        if ev.type() == QEvent.Type.ParentChange and self.parent() is not None:
+            if not getattr(self, "_arranged", False):
+                self._arranged = True
+                QTimer.singleShot(0, lambda: arrange_docks(self))
+        return super().event(ev)
+
+
+class DataDock(_Tabbed, DataWidget):
     """Data and segmentation: pick and name channels, z handling, segment cells."""
 
     def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
@@ -29,7 +42,7 @@ class DataDock(DataWidget):
                 widget.follow_data(self)
 
 
-class EmbedDock(EmbedWidget):
+class EmbedDock(_Tabbed, EmbedWidget):
     """Embed: model, weights, device, levels, masking; progress and cancel."""
 
     def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:

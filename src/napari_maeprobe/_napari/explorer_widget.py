@@ -48,6 +48,7 @@ from qtpy.QtWidgets import (
 
 from napari_maeprobe._napari.gallery_widget import GalleryWidget
 from napari_maeprobe._napari.hub import compact_combos, hub_for
+from napari_maeprobe._napari.jobs import compact_labels
 from napari_maeprobe._napari.layers import OVERLAY_KEY, is_overlay
 from napari_maeprobe._napari.scatter import LegendWidget, ScatterCanvas
 from napari_maeprobe.errors import MaeprobeInputError
@@ -72,14 +73,20 @@ OVERLAY_NAMES = {
 }
 
 
-def _label_colours(rgba: tuple[float, float, float, float], default: bool = False):
-    """A colormap drawing label 1 (or, with ``default``, every label) in one colour."""
-    from napari.utils.colormaps import DirectLabelColormap
+def _label_colours(rgba: tuple[float, float, float, float]):
+    """Every label in one colour, on transparent. A cyclic colormap of two colours, not a direct
+    one: napari builds a direct colormap as a numba typed dict compiled afresh in every session
+    (seconds, holding the GIL), while the cyclic colormap's kernels are cached on disk."""
+    from napari.utils.colormaps import CyclicLabelColormap
 
-    colours = {None: rgba if default else (0, 0, 0, 0), 0: (0, 0, 0, 0)}
-    if not default:
-        colours[1] = rgba
-    return DirectLabelColormap(color_dict=colours)
+    return CyclicLabelColormap(colors=np.array([[0.0, 0.0, 0.0, 0.0], rgba], dtype=np.float32))
+
+
+def _overlay_style(kind: str) -> dict:
+    """How a labels overlay is drawn (also used to warm napari's colour code in the worker)."""
+    if kind == "selected patches":
+        return {"opacity": 0.45, "colormap": _label_colours(PATCH_COLOUR)}
+    return {"opacity": 1.0, "colormap": _label_colours(CELL_COLOUR)}
 
 
 #: the explorer's command-line wording -> its controls (then the docks' own translation)
@@ -529,13 +536,15 @@ class ExplorerWidget(QWidget):
 
                 store = EmbeddingStore(path)
                 obs = store.read_obs("global" if "global" in levels else want)
-                return {"levels": levels, "analysed": analysed, "level": want, "obs": obs}
+                return {"levels": levels, "analysed": analysed, "level": want, "obs": obs,
+                        "choices": table_choices(obs)}  # fmt: skip
             data = load_level(path, want)
             labels = {name: _read_labels(data, name) for name in visible}
             valid = np.isfinite(data.adata.X).all(axis=1) if data.adata.X is not None else None
             embedded = None if valid is None else int(valid.sum())
             return {"levels": levels, "analysed": analysed, "level": want, "data": data,
-                    "labels": labels, "embedded": embedded}  # fmt: skip
+                    "labels": labels, "embedded": embedded,
+                    "choices": table_choices(data.obs)}  # fmt: skip
 
         self._start("load", work, self._loaded, busy=f"opening {path.name}...")
 
@@ -545,7 +554,8 @@ class ExplorerWidget(QWidget):
             self._show_unanalysed(result)
             return
         self._labels_cache = {k: v for k, v in result["labels"].items() if v is not None}
-        self.load_data(result["data"], embedded=result.get("embedded"))
+        self.load_data(result["data"], embedded=result.get("embedded"),
+                       choices=result.get("choices"))  # fmt: skip
 
     def _set_levels(self, levels: list[str], analysed: list[str], current: str) -> None:
         self.level.blockSignals(True)
@@ -576,11 +586,14 @@ class ExplorerWidget(QWidget):
             f"<b>{name}</b>: the {result['level']} level is not analysed yet. Pick the "
             "settings in the Analyse tab and press Analyse."
         )
-        self._fill_analysis_columns(result["obs"])
+        self._fill_analysis_columns(result["obs"], result["choices"]["groups"])
         self.tabs.setCurrentWidget(self.analyse_tab)
+        self._raise_dock()
         self.not_analysed.emit(self.path)
 
-    def load_data(self, data: ExplorerData, embedded: int | None = None) -> None:
+    def load_data(
+        self, data: ExplorerData, embedded: int | None = None, choices: dict | None = None
+    ) -> None:
         """Show an already loaded level (the same as :meth:`load` without the worker)."""
         self._cancel_selection_work()
         self._clear_overlays()
@@ -598,11 +611,12 @@ class ExplorerWidget(QWidget):
             "have no embedding and no point; the gallery shows them as grey patches."
             if embedded < data.n else ""
         )  # fmt: skip
+        choices = choices or table_choices(data.obs)
         for combo, items in (
             (self.coords, list(data.coords)),
-            (self.colour, self._colour_columns(data.obs)),
-            (self.channel, [ALL] + self._values(data.obs, "channel")),
-            (self.dataset, [ALL] + self._values(data.obs, "dataset")),
+            (self.colour, choices["colour"]),
+            (self.channel, [ALL] + choices["channel"]),
+            (self.dataset, [ALL] + choices["dataset"]),
         ):
             combo.blockSignals(True)
             combo.clear()
@@ -618,11 +632,20 @@ class ExplorerWidget(QWidget):
         self._filters_changed()
         self._show_drivers(data.drivers)
         self._show_context(data)
-        self._fill_condition_batch(data.obs)
-        self._fill_analysis_columns(data.obs)
+        self._fill_condition_batch(data.obs, choices["categorical_groups"])
+        self._fill_analysis_columns(data.obs, choices["groups"])
         if self.tabs.currentWidget() is self.analyse_tab:
             self.tabs.setCurrentWidget(self.gallery_tab)
+        self._raise_dock()
         self.loaded.emit(data)
+
+    def _raise_dock(self) -> None:
+        """Bring the explorer's tab to the front when it has something new to show."""
+        from napari_maeprobe._napari.hub import _dock_of
+
+        dock = _dock_of(self)
+        if dock is not None:
+            dock.raise_()
 
     @staticmethod
     def _header(data: ExplorerData, embedded: int) -> str:
@@ -648,11 +671,6 @@ class ExplorerWidget(QWidget):
         if col not in obs:
             return []
         return sorted(str(v) for v in obs[col].dropna().unique())
-
-    @staticmethod
-    def _colour_columns(obs: pd.DataFrame) -> list[str]:
-        skip = {"level", "analysed"}
-        return [c for c in obs.columns if c not in skip and obs[c].nunique(dropna=True) > 1]
 
     def _level_changed(self, _text: str) -> None:
         level = self.level.currentData() or _text
@@ -762,6 +780,7 @@ class ExplorerWidget(QWidget):
         cache = self._labels_cache
 
         def work():
+            from napari_maeprobe._napari.widgets import warm_labels_display
             from napari_maeprobe.pl.overlays import selection_overlays
 
             picked = set(data.obs["image"].astype(str).to_numpy()[rows])
@@ -776,6 +795,11 @@ class ExplorerWidget(QWidget):
                         labels = fallback.get(image)
                     cache[image] = labels
                 out[image] = selection_overlays(data, rows, image, shape, labels, attention)
+                for kind in ("selected patches", "selected cells"):  # compact, like the cells
+                    if kind in out[image] and out[image][kind].dtype != np.uint8:
+                        out[image][kind] = compact_labels(out[image][kind])
+            warm_labels_display(*[(arrays[k], _overlay_style(k)) for arrays in out.values()
+                                  for k in ("selected patches", "selected cells") if k in arrays])
             return out
 
         self._start("selection", work, lambda out: self._apply_overlays(out, images, specs))
@@ -794,21 +818,40 @@ class ExplorerWidget(QWidget):
         return out
 
     def _apply_overlays(self, out: dict, images: dict, specs: dict) -> None:
-        """Hand finished overlay arrays to layers (add, update or remove; nothing computed)."""
+        """Hand finished overlay arrays to layers (add, update or remove; nothing computed),
+        one layer per turn of the event loop: napari takes 0.2-0.4 s to add, update or remove
+        a large layer on a software renderer, and one turn per layer keeps each wait to one of
+        those, not their sum. A newer selection drops what is left of the queue."""
+        token = self._tokens["selection"]
+        steps = []
         wanted = set()
         for image, arrays in out.items():
             like = images[image]
             _, scale, translate = specs[image]
             for kind in ("attention", "selected cells", "selected patches"):
-                if kind not in arrays:
-                    continue
-                name = f"{image} {OVERLAY_NAMES[kind]}"
-                wanted.add(name)
-                self._put_overlay(name, kind, arrays[kind], scale, translate, like)
+                if kind in arrays:
+                    name = f"{image} {OVERLAY_NAMES[kind]}"
+                    wanted.add(name)
+                    steps.append((self._put_overlay, (name, kind, arrays[kind], scale, translate,
+                                                      like)))  # fmt: skip
         for layer in self._overlay_layers():
             if layer.name not in wanted:
-                self.viewer.layers.remove(layer)
-        self.layers_updated.emit()
+                steps.append((self._remove_layer, (layer,)))
+        self._run_steps(steps, token)
+
+    def _run_steps(self, steps: list, token: int) -> None:
+        if self._res.closed or token != self._tokens["selection"]:
+            return  # a newer selection (or a closed explorer) took over
+        if not steps:
+            self.layers_updated.emit()
+            return
+        fn, args = steps[0]
+        fn(*args)
+        QTimer.singleShot(0, lambda: self._run_steps(steps[1:], token))
+
+    def _remove_layer(self, layer) -> None:
+        if layer in self.viewer.layers:
+            self.viewer.layers.remove(layer)
 
     def _put_overlay(self, name, kind, data, scale, translate, like) -> None:
         layer = self.viewer.layers[name] if name in self.viewer.layers else None
@@ -820,11 +863,9 @@ class ExplorerWidget(QWidget):
         meta = {OVERLAY_KEY: True, "overlay_of": str(like.metadata.get("maeprobe_image", ""))}
         kw = {"name": name, "scale": scale, "translate": translate, "metadata": meta}
         if kind == "selected patches":
-            self.viewer.add_labels(data, opacity=0.45, colormap=_label_colours(PATCH_COLOUR), **kw)
-        elif kind == "selected cells":
-            default = data.dtype != np.uint8  # the cells' own ids: one outline per cell
-            colours = _label_colours(CELL_COLOUR, default)
-            layer = self.viewer.add_labels(data, opacity=1.0, colormap=colours, **kw)
+            self.viewer.add_labels(data, **_overlay_style(kind), **kw)
+        elif kind == "selected cells":  # the cells' own ids: one outline per cell
+            layer = self.viewer.add_labels(data, **_overlay_style(kind), **kw)
             with warnings.catch_warnings():  # "not displayed during 3D rendering": in 2D it is
                 warnings.simplefilter("ignore", UserWarning)
                 layer.contour = 1
@@ -866,7 +907,7 @@ class ExplorerWidget(QWidget):
             self.gallery.clear()
             return
         n = self.gallery.per_page.value()
-        names = set(data.obs["image"].astype(str).to_numpy()[rows])
+        names = set(map(str, data.obs["image"].iloc[rows].unique()))
         channels = self._channel_views(names)
         fallback = self._label_layers_data(names)
         facts = data.store.facts if data.store is not None else {}
@@ -875,7 +916,7 @@ class ExplorerWidget(QWidget):
         order = self._order if self._order_key == key else None
         cache = self._labels_cache
         # four panels and a caption across the dock's width, 64 to 160 px each
-        size = int(np.clip((self.gallery.width() - 140) / 4 - 8, 64, 160))
+        size = int(np.clip((self.gallery.width() - 150) / 4 - 10, 64, 160))
         self.gallery.set_busy(f"drawing the cells of {len(rows):,} selected rows...")
 
         def work():
@@ -964,14 +1005,8 @@ class ExplorerWidget(QWidget):
         return rows
 
     # ------------------------------------------------------------------ analysis
-    def _fill_analysis_columns(self, obs: pd.DataFrame) -> None:
+    def _fill_analysis_columns(self, obs: pd.DataFrame, columns: list[str]) -> None:
         """Offer the grouping columns for condition and batch (optional) in the Analyse tab."""
-        from napari_maeprobe.schema import column_role
-
-        columns = [c for c in obs.columns
-                   if (isinstance(obs[c].dtype, pd.CategoricalDtype) or obs[c].dtype == object)
-                   and 2 <= obs[c].nunique(dropna=True) <= 200
-                   and column_role(c) not in ("analysis", "channel", "identity")]  # fmt: skip
         self._analysis_obs = obs
         for combo in (self.an_condition, self.an_batch):
             keep = combo.currentText()
@@ -1195,14 +1230,10 @@ class ExplorerWidget(QWidget):
             lines.append(str(stored["summary"]))
         self.context.setText("\n".join(lines))
 
-    def _fill_condition_batch(self, obs: pd.DataFrame) -> None:
+    def _fill_condition_batch(self, obs: pd.DataFrame, columns: list[str]) -> None:
         """Offer the grouping columns; preselect those whose names say treatment or batch."""
         from napari_maeprobe.schema import column_role
 
-        columns = [c for c in obs.columns
-                   if isinstance(obs[c].dtype, pd.CategoricalDtype)
-                   and 2 <= obs[c].nunique(dropna=True) <= 200
-                   and column_role(c) not in ("analysis", "channel", "identity")]  # fmt: skip
         for combo, role in ((self.condition_combo, "condition"), (self.batch_combo, "batch")):
             combo.blockSignals(True)
             combo.clear()
@@ -1325,6 +1356,31 @@ class ExplorerWidget(QWidget):
         if path:
             self.scatter.export_image(path)
 
+
+
+def table_choices(obs: pd.DataFrame) -> dict[str, list[str]]:
+    """What the explorer's combo boxes offer for a table, in one pass over its columns (the load
+    worker computes it; at 100k+ rows, counting values on the GUI thread took ~0.5 s):
+    ``colour`` (columns with more than one value), ``channel`` and ``dataset`` (their values),
+    ``groups`` (condition/batch candidates: 2-200 values, not analysis, channel or identity
+    columns) and ``categorical_groups`` (those stored as categories)."""
+    from napari_maeprobe.schema import column_role
+
+    out: dict[str, list[str]] = {"colour": [], "groups": [], "categorical_groups": []}
+    for c in obs.columns:
+        n = obs[c].nunique(dropna=True)
+        if c not in ("level", "analysed") and n > 1:
+            out["colour"].append(c)
+        categorical = isinstance(obs[c].dtype, pd.CategoricalDtype)
+        if (categorical or obs[c].dtype == object) and 2 <= n <= 200 and column_role(c) not in (
+            "analysis", "channel", "identity"
+        ):  # fmt: skip
+            out["groups"].append(c)
+            if categorical:
+                out["categorical_groups"].append(c)
+    for col in ("channel", "dataset"):
+        out[col] = sorted(str(v) for v in obs[col].dropna().unique()) if col in obs else []
+    return out
 
 
 def _read_labels(data: ExplorerData | None, image: str) -> np.ndarray | None:

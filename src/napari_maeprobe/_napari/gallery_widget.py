@@ -154,6 +154,7 @@ class GalleryWidget(QWidget):
             text or "Select points (a cluster, a lasso or a click) to see their cells."
         )
         self.notes.setText("")
+        self.notes.setVisible(False)
         self._update_buttons()
 
     def set_busy(self, text: str) -> None:
@@ -162,8 +163,11 @@ class GalleryWidget(QWidget):
     def _clear_grid(self) -> None:
         while self._grid.count():
             item = self._grid.takeAt(0)
-            if item.widget() is not None:
-                item.widget().deleteLater()
+            widget = item.widget()
+            if widget is not None:  # gone from the screen now, not at the next idle moment
+                widget.hide()
+                widget.setParent(None)
+                widget.deleteLater()
 
     def show_tiles(self, tiles: list[CellTile], offset: int, total: int, order: str) -> None:
         """Show one page: a header row of panel titles, then one row per cell."""
@@ -174,12 +178,13 @@ class GalleryWidget(QWidget):
             title = QLabel(f"<b>{PANEL_TITLES.get(p, p)}</b>")
             title.setAlignment(Qt.AlignmentFlag.AlignCenter)
             self._grid.addWidget(title, 0, j + 1)
+        several = len({t.image for t in tiles}) > 1
         for i, tile in enumerate(tiles):
-            short = tile.image if len(tile.image) <= 14 else "…" + tile.image[-13:]
-            caption = QPushButton(f"cell {tile.cell_id}\n{short}")
+            short = tile.image if len(tile.image) <= 12 else "…" + tile.image[-11:]
+            caption = QPushButton(f"cell {tile.cell_id}" + (f"\n{short}" if several else ""))
             caption.setFlat(True)
             caption.setToolTip(f"{tile.image}, cell {tile.cell_id}: centre the viewer on it")
-            caption.setMaximumWidth(110)
+            caption.setMaximumWidth(100)
             caption.clicked.connect(lambda _=False, k=i: self.cell_clicked.emit(k))
             self._grid.addWidget(caption, i + 1, 0)
             for j, p in enumerate(panels):
@@ -194,13 +199,17 @@ class GalleryWidget(QWidget):
                 label.clicked.connect(self.cell_clicked.emit)
                 self._grid.addWidget(label, i + 1, j + 1)
         last = min(offset + len(tiles), total)
+        where = f" of {tiles[0].image}" if tiles and not several else ""
+        plane = f"; {tiles[0].plane}" if tiles and tiles[0].plane else ""
         self.header.setText(
             f"{total:,} cells in the selection ({order}); showing {offset + 1:,}–{last:,}"
+            f"{where}{plane}"
             if tiles
             else f"{total:,} cells in the selection; none on this page"
         )
         notes = {}
         for t in tiles:
             notes.update(t.notes)
-        self.notes.setText("\n".join(f"<i>{k}</i>: {v}" for k, v in sorted(notes.items())))
+        self.notes.setText("<br>".join(f"<i>{k}</i>: {v}" for k, v in sorted(notes.items())))
+        self.notes.setVisible(bool(notes))
         self._update_buttons()

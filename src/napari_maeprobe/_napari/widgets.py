@@ -202,7 +202,7 @@ def _boundary_style() -> dict:
     return {"colormap": CyclicLabelColormap(colors=colors), "opacity": 0.8}
 
 
-def _warm_labels_display(*samples: tuple[np.ndarray, dict]) -> None:
+def warm_labels_display(*samples: tuple[np.ndarray, dict]) -> None:
     """Load napari's label-colour code for these dtypes and colormaps (worker thread).
 
     The first Labels layer of a dtype / colormap kind loads (or JIT-compiles) napari's numba
@@ -225,7 +225,7 @@ def _segment_for_layers(image, method, nucleus, cell, diameter):
     """Segment (worker thread), with everything the layers need made here, not in the slot:
     labels as uint16/uint32, the uint8 boundary map and napari's compiled colour code."""
     res = segment_image(image, method, nucleus, cell, diameter)
-    _warm_labels_display((res.labels, CELLS_STYLE), (res.boundaries, _boundary_style()))
+    warm_labels_display((res.labels, CELLS_STYLE), (res.boundaries, _boundary_style()))
     return res
 
 

@@ -11,9 +11,12 @@ the MAE papers' figures:
   within the cell and drawn through a perceptual colour map (inferno) over the cell only;
 - ``masked``: the input with the masked patches greyed out (for per-channel masks, the masked
   channels are left out and the patch is greyed by the share of channels masked);
-- ``reconstruction``: the stored masked reconstruction, with the same channel colours. It is in
-  the model's normalised input space (not raw intensities), so each channel is stretched to its
-  own 1st-99.5th percentile within the crop; its visible patches are the input's.
+- ``reconstruction``: the stored masked reconstruction, with the same channel colours and
+  contrast as the input. It is in the model's normalised input space, whose visible patches are
+  the input's: per channel, the affine map from that space back to raw intensities is fitted on
+  the visible patches (least squares), so the reconstruction is shown in the input's own units
+  and the two panels compare directly. Without enough visible pixels (or a map that does not
+  rise), the channel is stretched to its own 1st-99.5th percentile within the crop.
 
 Every panel is an ``(size, size, 3)`` uint8 RGB image; a panel that cannot be drawn (no maps
 stored, a ``.h5ad`` without its store, no image layer) is absent and the tile's ``notes`` say
@@ -442,8 +445,10 @@ def _draw(views, view_of, maps, cell, lab, nd, patch, crop, hw, origin, z_index)
     """The float panels (h, w, 3) of one cell, and notes on panels it could not draw."""
     notes: dict[str, str] = {}
     panels: dict[str, np.ndarray] = {}
-    values = np.stack([_scale(_channel_window(v, nd, origin, crop, z_index), v.limits)
-                       for v in views]) if views else np.zeros((0, *hw), np.float32)  # fmt: skip
+    raws = [_channel_window(v, nd, origin, crop, z_index) for v in views]
+    values = np.stack([_scale(raw, v.limits) for raw, v in zip(raws, views)]) if views else (
+        np.zeros((0, *hw), np.float32)
+    )  # fmt: skip
     rgb = np.asarray([v.rgb for v in views], dtype=np.float32).reshape(-1, 3)
     shown = composite(values, rgb)
     if views:
@@ -477,6 +482,7 @@ def _draw(views, view_of, maps, cell, lab, nd, patch, crop, hw, origin, z_index)
             out[_outline(mask)] = OUTLINE
         panels["attention"] = out
     m = stored("mask")
+    share = None
     if m is not None:
         share = _patch_share(m, nd, patch, crop, hw)
         if share.ndim == 3:  # per channel: the masked channels are not seen
@@ -486,10 +492,11 @@ def _draw(views, view_of, maps, cell, lab, nd, patch, crop, hw, origin, z_index)
                 if v >= 0 and v < len(values):
                     visible[v] = 1.0 - share[c]
             seen = composite(values * visible, rgb)
-            share = share.mean(axis=0)
+            grey = share.mean(axis=0)
         else:
             seen = shown * (1.0 - share)[..., None]
-        panels["masked"] = np.clip(seen + GREY * share[..., None], 0, 1)
+            grey = share
+        panels["masked"] = np.clip(seen + GREY * grey[..., None], 0, 1)
     rec = stored("reconstruction")
     if rec is not None:
         r = np.asarray(rec, dtype=np.float32)
@@ -501,9 +508,32 @@ def _draw(views, view_of, maps, cell, lab, nd, patch, crop, hw, origin, z_index)
                 "no channel colours: the image layers' channels are not the embedded ones"
             )
         else:
-            vals = np.stack([_scale(r[c], None) for c in chans])
-            panels["reconstruction"] = composite(vals, rgb[[view_of[c] for c in chans]])
+            vals = []
+            for c in chans:
+                view = views[view_of[c]]
+                if share is None:
+                    seen_px = None
+                else:
+                    seen_px = (share[c] if share.ndim == 3 and c < len(share) else share) < 0.5
+                raw = _to_raw(r[c], raws[view_of[c]], seen_px)
+                vals.append(_scale(raw, view.limits) if raw is not None else _scale(r[c], None))
+            panels["reconstruction"] = composite(np.stack(vals), rgb[[view_of[c] for c in chans]])
     return panels, notes
+
+
+def _to_raw(rec: np.ndarray, raw: np.ndarray, seen: np.ndarray | None) -> np.ndarray | None:
+    """The reconstruction of one channel in the input's raw units: ``a * rec + b`` fitted on
+    the visible pixels, where the reconstruction is the model's normalised input. ``None``
+    when that cannot be fitted (too few visible pixels, or a map that does not rise)."""
+    if seen is None or rec.shape != raw.shape:
+        return None
+    use = seen & np.isfinite(rec) & np.isfinite(raw)
+    if use.sum() < 16 or np.ptp(rec[use]) <= 0:
+        return None
+    a, b = np.polyfit(rec[use].astype(np.float64), raw[use].astype(np.float64), 1)
+    if not np.isfinite(a) or a <= 0:
+        return None
+    return (a * rec + b).astype(np.float32)
 
 
 _PANEL_OF = {"attention": "attention", "mask": "masked", "reconstruction": "reconstruction"}
