@@ -70,9 +70,11 @@ def _lasso(widget, fraction=(0.2, 0.8)):
 
 
 def _overlays(viewer):
+    """The explorer's overlays that draw something (blank ones wait for the next selection)."""
     from napari_maeprobe._napari.layers import is_overlay
 
-    return {ly.name: ly for ly in viewer.layers if is_overlay(ly)}
+    return {ly.name: ly for ly in viewer.layers
+            if is_overlay(ly) and ly.visible and np.asarray(ly.data).any()}  # fmt: skip
 
 
 def _analysed_store(tmp_path_factory, name, image, labels, **job):
@@ -142,6 +144,7 @@ def test_selection_overlays_follow_the_selection_and_go_with_it(viewer, qtbot, s
     with qtbot.waitSignal(widget.layers_updated, timeout=10_000):
         qtbot.mouseClick(widget.clear_button, Qt.MouseButton.LeftButton)
     assert _overlays(viewer) == {}
+    assert f"{IMAGE} attention (selected cells)" not in viewer.layers
     assert widget.gallery.tiles == [] and widget.gallery._grid.count() == 0
 
 
