@@ -6,7 +6,6 @@ the user-started analysis; closing leaves no process behind."""
 from __future__ import annotations
 
 import os
-import time
 
 import numpy as np
 import pytest
@@ -113,7 +112,6 @@ def masked_store(tmp_path_factory):
 
 def test_selection_overlays_follow_the_selection_and_go_with_it(viewer, qtbot, sample_store):
     from napari_maeprobe.io.samples import load_sample
-    from napari_maeprobe.pl.linking import highlight_image
 
     image, labels = load_sample("imc")
     _add_image(viewer, image, labels)
@@ -125,9 +123,17 @@ def test_selection_overlays_follow_the_selection_and_go_with_it(viewer, qtbot, s
     layers = _overlays(viewer)
     assert set(layers) == {f"{IMAGE} selected patches", f"{IMAGE} selected cells",
                            f"{IMAGE} attention (selected cells)"}  # fmt: skip
-    # the patches: exactly the footprints of the selected rows (linking's rule, tested apart)
-    want = highlight_image(widget.data, rows, IMAGE, labels.shape)
-    np.testing.assert_array_equal(np.asarray(layers[f"{IMAGE} selected patches"].data), want)
+    # the patches: every selected patch's 12 x 12 footprint is lit, nothing outside them is
+    drawn = np.asarray(layers[f"{IMAGE} selected patches"].data) > 0
+    covered = np.zeros(labels.shape, dtype=bool)
+    p = widget.data.patch_size[0]
+    sel = widget.data.obs.iloc[rows]
+    for y, x in zip(sel.centroid_y, sel.centroid_x):
+        y0, x0 = int(np.floor(y - p / 2 + 0.5)), int(np.floor(x - p / 2 + 0.5))
+        ys, xs = slice(max(y0, 0), max(y0 + p, 0)), slice(max(x0, 0), max(x0 + p, 0))
+        covered[ys, xs] = True
+        assert drawn[ys, xs].all()
+    assert not drawn[~covered].any()
     # the cells: each selected cell keeps its own id, nothing else is drawn
     obs = widget.data.obs.iloc[rows]
     cells = set(obs["cell_id"].dropna().astype(int))
@@ -311,13 +317,21 @@ def test_selection_on_a_native_3d_embedding_draws_3d_patch_boxes(
 
 
 def test_a_late_load_does_not_replace_a_newer_one(viewer, qtbot, sample_store, monkeypatch):
+    import threading
+
     import napari_maeprobe._napari.explorer_widget as ew
 
     real_load = ew.load_level
+    newer_shown = threading.Event()
+    older_done = threading.Event()
 
     def slow_load(path, level="patch"):
-        if level == "patch":
-            time.sleep(3.0)  # the older request finishes last
+        if level == "patch":  # the older request: answers only after the newer one is shown
+            newer_shown.wait(60)
+            try:
+                return real_load(path, level)
+            finally:
+                older_done.set()
         return real_load(path, level)
 
     monkeypatch.setattr(ew, "load_level", slow_load)
@@ -325,11 +339,13 @@ def test_a_late_load_does_not_replace_a_newer_one(viewer, qtbot, sample_store, m
     qtbot.addWidget(widget)
     shown = []
     widget.loaded.connect(lambda data: shown.append(data.level))
+    widget.loaded.connect(lambda data: newer_shown.set())
     widget.load(sample_store, "patch")
     widget.load(sample_store, "channel")
+    qtbot.waitUntil(older_done.is_set, timeout=60_000)
     qtbot.waitUntil(lambda: not widget._res.workers, timeout=60_000)
-    qtbot.wait(100)
-    assert shown == ["channel"]
+    qtbot.wait(200)
+    assert shown == ["channel"]  # the late patch answer was dropped
     assert widget.data.level == "channel"
 
 
@@ -353,13 +369,17 @@ def test_analysis_is_started_by_the_user_and_can_be_cancelled(viewer, qtbot, tmp
     assert widget.data is None and "not analysed" in widget.source_label.text()
     assert widget.tabs.currentWidget() is widget.analyse_tab
     assert EmbeddingStore(store).analysed_levels() == []  # nothing started by itself
-    # cancel a started analysis: the store is left as it was
+    # cancel a running analysis (its first stage reported): nothing half-written is left
     qtbot.mouseClick(widget.analyse_button, Qt.MouseButton.LeftButton)
-    qtbot.waitUntil(lambda: not widget.progress.isHidden(), timeout=10_000)
+    qtbot.waitUntil(lambda: "(1 of 2)" in widget.stage.text(), timeout=120_000)
     with qtbot.waitSignal(widget.analysis_finished, timeout=30_000) as ended:
         qtbot.mouseClick(widget.cancel_analysis_button, Qt.MouseButton.LeftButton)
     assert ended.args == ["cancelled"]
-    assert EmbeddingStore(store).analysed_levels() == []
+    assert "cancelled" in widget.stage.text()
+    after = EmbeddingStore(store)
+    assert "channel" not in after.analysed_levels()  # the level being worked on: no results
+    for level in after.analysed_levels():  # a level saved before the cancel is whole
+        assert after.read_analysis(level) is not None
     # run it: the stages are shown with counts, then the scatter fills in
     stages = []
     widget.progress.valueChanged.connect(lambda _: stages.append(widget.stage.text()))
@@ -369,10 +389,13 @@ def test_analysis_is_started_by_the_user_and_can_be_cancelled(viewer, qtbot, tmp
     assert any("analysing" in s for s in stages)
     pid = widget._res.analysis.pid
     assert pid is not None and psutil.pid_exists(pid)
-    # closing the viewer ends the analysis process
+    # shutting the explorer down (what closing its dock or the viewer does) ends the process
     widget.shutdown()
     def ended() -> bool:
-        return not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+        try:
+            return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return True
 
     qtbot.waitUntil(ended, timeout=10_000)
 
@@ -399,8 +422,13 @@ def test_closing_the_viewer_leaves_no_child_process(qtbot, tmp_path, sample_stor
     qtbot.wait(200)
 
     def gone() -> bool:
-        alive = [p for p in psutil.Process().children(recursive=True)
-                 if p.pid not in before and p.status() != psutil.STATUS_ZOMBIE]  # fmt: skip
+        alive = []
+        for p in psutil.Process().children(recursive=True):
+            try:
+                if p.pid not in before and p.status() != psutil.STATUS_ZOMBIE:
+                    alive.append(p)
+            except psutil.NoSuchProcess:
+                pass
         return not alive
 
     qtbot.waitUntil(gone, timeout=15_000)
@@ -437,7 +465,10 @@ def test_closing_the_dock_ends_its_analysis_process(viewer, qtbot, sample_store)
     viewer.window.remove_dock_widget(widget)  # what the dock's close button does
 
     def ended() -> bool:
-        return not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+        try:
+            return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return True
 
     qtbot.waitUntil(ended, timeout=10_000)
     assert widget._res.closed
@@ -506,3 +537,66 @@ def test_a_real_mouse_click_on_a_cell_lights_up_its_points(qtbot, sample_store):
         widget.shutdown()
     finally:
         v.close()
+
+
+def test_gallery_splits_a_multichannel_layer_napari_did_not_split(viewer, qtbot, sample_store):
+    """A (C, Y, X) layer as napari's own TIFF reader opens it: the gallery shows its channels in
+    distinct colours (before: the maximum over channels, called a z projection)."""
+    from napari_maeprobe.io.samples import load_sample
+
+    image, labels = load_sample("imc")
+    viewer.add_image(np.asarray(image.data), name=IMAGE)  # one layer, channels first
+    widget = _explorer(viewer, qtbot, sample_store, "global")
+    views = widget._channel_views({IMAGE})[IMAGE]
+    assert len(views) == image.n_channels
+    assert len({v.rgb for v in views}) == image.n_channels
+    with qtbot.waitSignal(widget.gallery_updated, timeout=60_000):
+        widget.scatter.select(np.arange(10))
+    tile = widget.gallery.tiles[0]
+    assert tile.plane == ""  # not taken for a z-stack
+    rgb = tile.panels["input"].reshape(-1, 3).astype(int)
+    assert (rgb.max(axis=0) > 40).sum() >= 2  # more than one hue: the channels, composited
+
+
+def test_a_closed_explorer_lets_go_of_the_viewer(viewer, qtbot, sample_store):
+    from napari_maeprobe._napari.dock import ExplorerDock
+    from napari_maeprobe._napari.hub import hub_for
+
+    widget = ExplorerDock(viewer)
+    viewer.window.add_dock_widget(widget, name="explorer")
+    with qtbot.waitSignal(widget.loaded, timeout=60_000):
+        widget.load(sample_store, "global")
+    hub = hub_for(viewer)
+    assert hub.explorer is widget
+    viewer.window.remove_dock_widget(widget)  # the dock's close button
+    qtbot.wait(100)
+    assert hub.explorer is None
+    assert widget._on_viewer_click not in viewer.mouse_drag_callbacks
+    loads = []
+    widget.loaded.connect(loads.append)
+    hub.store_ready.emit(sample_store)  # a later embed: the closed explorer does not load it
+    qtbot.wait(500)
+    assert loads == [] and not widget._res.workers
+
+
+def test_a_new_selection_starts_most_typical_first_after_a_resample(viewer, qtbot, sample_store):
+    from napari_maeprobe.io.samples import load_sample
+
+    image, labels = load_sample("imc")
+    _add_image(viewer, image, labels)
+    widget = _explorer(viewer, qtbot, sample_store, "global")
+    with qtbot.waitSignal(widget.gallery_updated, timeout=60_000):
+        widget.scatter.select(np.arange(30))
+    with qtbot.waitSignal(widget.gallery_updated, timeout=60_000):
+        qtbot.mouseClick(widget.gallery.resample_button, Qt.MouseButton.LeftButton)
+    assert "random" in widget.gallery.header.text()
+    with qtbot.waitSignal(widget.gallery_updated, timeout=60_000):
+        widget.scatter.select(np.arange(20, 50))
+    with qtbot.waitSignal(widget.gallery_updated, timeout=60_000):
+        qtbot.mouseClick(widget.gallery.next_button, Qt.MouseButton.LeftButton)
+    assert "most typical first" in widget.gallery.header.text()
+    first_two_pages = widget._order
+    from napari_maeprobe.pl.gallery import order_cells
+
+    want = order_cells(widget.data, np.arange(20, 50))
+    assert list(first_two_pages["cell_id"]) == list(want["cell_id"])

@@ -472,6 +472,12 @@ def cmd_embed(args) -> int:
                                scheduler=args.scheduler, overwrite=args.overwrite)  # fmt: skip
     finally:
         close_clients()
+    if args.z == "slice" and args.z_index is not None:  # which plane, for the explorer's gallery
+        from napari_maeprobe.embed.store import EmbeddingStore
+
+        store = EmbeddingStore(args.out, mode="a")
+        with store.lock("embed"):
+            store.set_facts({**store.facts, "z_index": int(args.z_index)})
     f = result.facts
     rows = ", ".join(f"{lvl} {n}" for lvl, n in result.rows.items())
     print(

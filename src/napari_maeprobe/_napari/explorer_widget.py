@@ -61,6 +61,10 @@ from napari_maeprobe.pl.linking import (
 
 ALL = "(all)"
 NONE = "(none)"
+RGB_COLOURS = ((1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0))
+#: the gallery's colours for the channels of a multichannel layer napari did not split
+SPLIT_COLOURS = ((0.0, 0.0, 1.0), (0.0, 1.0, 0.0), (1.0, 0.0, 0.0), (1.0, 0.0, 1.0),
+                 (0.0, 1.0, 1.0), (1.0, 1.0, 0.0), (1.0, 1.0, 1.0))  # fmt: skip
 
 #: overlay colours on the image: none of them is the segmentation layers' (yellow boundaries,
 #: random label colours at half opacity)
@@ -91,8 +95,11 @@ def _overlay_style(kind: str) -> dict:
 
 #: the explorer's command-line wording -> its controls (then the docks' own translation)
 EXPLORER_WORDS = (
-    (r"run `maeprobe analyze STORE` first \(or the Analyze button\)",
+    (r"run `maeprobe analyze STORE` first \(or Analyse in the explorer's Analyse tab\)",
      "press Analyse in the Analyse tab"),
+    (r"(?:resume|finish) it by running the same `maeprobe embed[^`]*` command again, or pass "
+     r"--allow-incomplete to use the cells that are done",
+     "resume it with Run in the Embed dock (the same Output store)"),
     (r"`maeprobe analyze[^`]*`", "Analyse (the Analyse tab)"),
     (r"pass the \.zarr folder written by `maeprobe embed`",
      "open the .zarr folder an Embed run wrote (Open... > Embedding store folder)"),
@@ -160,6 +167,7 @@ class ExplorerWidget(QWidget):
     gallery_updated = Signal()  # after the gallery shows a new page
     diagnostics_ready = Signal(object)  # DriversReport
     analysis_finished = Signal(str)  # "done", "cancelled" or "error"
+    exported = Signal(object)  # the written path (io.export.Exported)
 
     def __init__(self, viewer, parent: QWidget | None = None) -> None:
         super().__init__(parent)
@@ -167,7 +175,8 @@ class ExplorerWidget(QWidget):
         self.data: ExplorerData | None = None
         self.path: Path | None = None
         self._res = _Resources()
-        self._tokens = {"load": 0, "selection": 0, "gallery": 0, "task": 0}
+        self._tokens = {"load": 0, "selection": 0, "gallery": 0, "compare": 0, "diagnose": 0,
+                        "export": 0}  # fmt: skip
         self._labels_cache: dict[str, np.ndarray | None] = {}
         self._selected = np.zeros(0, dtype=np.int64)
         self._order: pd.DataFrame | None = None  # the gallery's cell order of the selection
@@ -457,6 +466,8 @@ class ExplorerWidget(QWidget):
         self._tokens[kind] += 1
         token = self._tokens[kind]
         res = self._res
+        if res.closed:  # a closed explorer starts nothing
+            return token
 
         def current() -> bool:
             return not res.closed and self._tokens.get(kind) == token
@@ -513,7 +524,6 @@ class ExplorerWidget(QWidget):
         when it is read (``loaded``). A level without UMAP/PCA yet is not analysed by itself:
         the Analyse tab opens with its settings (``not_analysed``)."""
         path = Path(path)
-        self.path = path
         self._cancel_selection_work()
         visible = list(self._image_layers())
 
@@ -537,9 +547,11 @@ class ExplorerWidget(QWidget):
                 store = EmbeddingStore(path)
                 obs = store.read_obs("global" if "global" in levels else want)
                 return {"levels": levels, "analysed": analysed, "level": want, "obs": obs,
-                        "choices": table_choices(obs)}  # fmt: skip
+                        "choices": table_choices(obs), "path": path}  # fmt: skip
             data = load_level(path, want)
-            labels = {name: _read_labels(data, name) for name in visible}
+            labels: dict = {}
+            for name in visible:  # read here, not on the GUI thread at the first click
+                cells_of(data, name, {}, labels)
             from napari_maeprobe._napari.widgets import warm_labels_display
 
             # napari's label-colour code for the overlays, loaded here rather than when the
@@ -551,11 +563,12 @@ class ExplorerWidget(QWidget):
             embedded = None if valid is None else int(valid.sum())
             return {"levels": levels, "analysed": analysed, "level": want, "data": data,
                     "labels": labels, "embedded": embedded,
-                    "choices": table_choices(data.obs)}  # fmt: skip
+                    "choices": table_choices(data.obs), "path": path}  # fmt: skip
 
         self._start("load", work, self._loaded, busy=f"opening {path.name}...")
 
     def _loaded(self, result: dict) -> None:
+        self.path = result["path"]  # only now: a failed open keeps the store that is shown
         self._set_levels(result["levels"], result["analysed"], result["level"])
         if "data" not in result:
             self._show_unanalysed(result)
@@ -729,22 +742,17 @@ class ExplorerWidget(QWidget):
     def _labels_of(self, image: str) -> np.ndarray | None:
         """The cells of an image: the store's labels, else a ``<image> cells`` layer (cached;
         the store is read in the load worker, so the GUI thread only reads the cache)."""
-        if image in self._labels_cache:
-            return self._labels_cache[image]
-        labels = _read_labels(self.data, image) if self.data is not None else None
-        if labels is None:
-            for layer in self.viewer.layers:
-                if layer.__class__.__name__ == "Labels" and layer.name == f"{image} cells":
-                    labels = np.asarray(layer.data)
-        self._labels_cache[image] = labels
-        return labels
+        if self.data is None:
+            return None
+        fallback = self._label_layers_data([image])
+        return cells_of(self.data, image, fallback, self._labels_cache)
 
     def _spatial(self, like) -> tuple[tuple[int, ...], tuple, tuple]:
         """The overlay shape, scale and translate for an image layer: the embedding's spatial
         axes (a 2D embedding of a z-stack is drawn on every plane)."""
         nd = len(self.data.patch_size) if self.data is not None else 2
         nd = min(nd, like.ndim)
-        return (tuple(like.data.shape[-nd:]), tuple(like.scale[-nd:]),
+        return (pixel_shape(like)[-nd:], tuple(like.scale[-nd:]),
                 tuple(like.translate[-nd:]))  # fmt: skip
 
     def _overlay_layers(self) -> list:
@@ -789,17 +797,12 @@ class ExplorerWidget(QWidget):
         def work():
             from napari_maeprobe.pl.overlays import selection_overlays
 
-            picked = set(data.obs["image"].astype(str).to_numpy()[rows])
+            picked = set(map(str, data.obs["image"].iloc[rows].unique()))
             out = {}
             for image, (shape, _, _) in specs.items():
                 if image not in picked:
                     continue
-                labels = cache.get(image)
-                if labels is None:
-                    labels = _read_labels(data, image)
-                    if labels is None:
-                        labels = fallback.get(image)
-                    cache[image] = labels
+                labels = cells_of(data, image, fallback, cache)
                 out[image] = selection_overlays(data, rows, image, shape, labels, attention)
                 if "selected cells" in out[image]:  # compact (uint16), like the cells layer
                     out[image]["selected cells"] = compact_labels(out[image]["selected cells"])
@@ -807,6 +810,7 @@ class ExplorerWidget(QWidget):
 
         self._start("selection", work, lambda out: self._apply_overlays(out, images, specs))
         self._order = None
+        self.gallery.seed = -1  # a new selection starts most typical first
         self._gallery_page(0, -1)
 
     def _label_layers_data(self, images) -> dict[str, np.ndarray]:
@@ -926,28 +930,54 @@ class ExplorerWidget(QWidget):
 
     # ------------------------------------------------------------------ gallery
     def _channel_views(self, images: set[str]) -> dict[str, list]:
-        """Each image's visible channel layers as the gallery shows them (references to the
-        pixels, the colour and contrast limits; read on the GUI thread, cheap)."""
+        """Each image's visible channels as the gallery shows them (references to the pixels,
+        the colour and contrast limits; read on the GUI thread, cheap). A layer of one channel
+        (as the readers open them) is one view; an RGB layer gives three; a multichannel layer
+        napari did not split is split on the axis the Data dock uses for it (a 3D layer it
+        knows nothing of is taken as a z-stack); a multiscale layer shows its full resolution."""
+        from napari_maeprobe._napari.jobs import guess_channel_axis
         from napari_maeprobe.pl.gallery import ChannelView
 
+        nd = len(self.data.patch_size) if self.data is not None else 2
+        data_widget = hub_for(self.viewer).data_widget
         views: dict[str, list] = {}
         shown: dict[str, list] = {}
         for layer in self.viewer.layers:
-            if layer.__class__.__name__ != "Image" or is_overlay(layer) or layer.rgb:
+            if layer.__class__.__name__ != "Image" or is_overlay(layer):
                 continue
             image = str(layer.metadata.get("maeprobe_image", layer.name))
             if image not in images:
                 continue
-            colours = np.asarray(layer.colormap.colors)
-            view = ChannelView(
-                name=str(layer.metadata.get("channel", layer.name)),
-                data=layer.data,
-                rgb=tuple(float(v) for v in colours[-1][:3]),
-                limits=tuple(float(v) for v in layer.contrast_limits),
-            )
-            views.setdefault(image, []).append(view)
-            if layer.visible:
-                shown.setdefault(image, []).append(view)
+            pixels = layer.data[0] if getattr(layer, "multiscale", False) else layer.data
+            limits = tuple(float(v) for v in layer.contrast_limits)
+            name = str(layer.metadata.get("channel", layer.name))
+            if layer.rgb:
+                parts = [(f"{name} {c}", pixels[..., k], rgb)
+                         for k, (c, rgb) in enumerate(zip("RGB", RGB_COLOURS))]  # fmt: skip
+            else:
+                axis = None
+                if "channel" not in layer.metadata and np.ndim(pixels) > nd:
+                    try:
+                        axis = data_widget._channel_axis(layer) if data_widget else None
+                    except (AttributeError, RuntimeError):
+                        axis = None
+                    if axis is None and data_widget is None:  # planes compared when small
+                        small = isinstance(pixels, np.ndarray) and pixels.nbytes <= 64 * 2**20
+                        axis = guess_channel_axis(pixels.shape, False, pixels if small else None)
+                if axis is None:
+                    colour = np.asarray(layer.colormap.colors)[-1][:3]
+                    parts = [(name, pixels, tuple(float(v) for v in colour))]
+                else:
+                    names = list(layer.metadata.get("channel_names") or [])
+                    n = pixels.shape[axis]
+                    names = names if len(names) == n else [f"{layer.name} {i}" for i in range(n)]
+                    parts = [(names[i], pixels[(slice(None),) * axis + (i,)],
+                              SPLIT_COLOURS[i % len(SPLIT_COLOURS)]) for i in range(n)]  # fmt: skip
+            for part_name, part, rgb in parts:
+                view = ChannelView(name=part_name, data=part, rgb=rgb, limits=limits)
+                views.setdefault(image, []).append(view)
+                if layer.visible:
+                    shown.setdefault(image, []).append(view)
         return {image: shown.get(image) or v for image, v in views.items()}
 
     def _gallery_page(self, offset: int, seed: int) -> None:
@@ -961,14 +991,14 @@ class ExplorerWidget(QWidget):
         names = set(map(str, data.obs["image"].iloc[rows].unique()))
         channels = self._channel_views(names)
         fallback = self._label_layers_data(names)
-        facts = data.store.facts if data.store is not None else {}
-        z_index = facts.get("z_index") if facts.get("projection") == "slice" else None
+        z_index = embedded_plane(data, channels)
         key = (id(rows), seed)
         order = self._order if self._order_key == key else None
         cache = self._labels_cache
         # four panels and a caption across the dock's width, 64 to 160 px each
         size = int(np.clip((self.gallery.width() - 150) / 4 - 10, 64, 160))
         self.gallery.set_busy(f"drawing the cells of {len(rows):,} selected rows...")
+        token = self._tokens["gallery"] + 1  # the one _start gives this request
 
         def work():
             from napari_maeprobe.pl.gallery import cell_tiles, order_cells
@@ -977,13 +1007,10 @@ class ExplorerWidget(QWidget):
                 data, rows, seed=None if seed < 0 else seed
             )  # fmt: skip
             page = ordered.iloc[offset : offset + n]
-            labels = {}
-            for image in page["image"].astype(str).unique():
-                if image not in cache:
-                    found = _read_labels(data, image)
-                    cache[image] = found if found is not None else fallback.get(image)
-                labels[image] = cache[image]
-            tiles = cell_tiles(data, page, channels, labels, z_index=z_index, size=size)
+            labels = {image: cells_of(data, image, fallback, cache)
+                      for image in page["image"].astype(str).unique()}  # fmt: skip
+            tiles = cell_tiles(data, page, channels, labels, z_index=z_index, size=size,
+                               cancelled=lambda: self._tokens["gallery"] != token)  # fmt: skip
             return ordered, tiles
 
         def done(result) -> None:
@@ -1037,7 +1064,7 @@ class ExplorerWidget(QWidget):
         nd = len(self.data.patch_size)
         for image, layer in self._image_layers().items():
             point = np.asarray(layer.world_to_data(position))
-            shape = layer.data.shape[-nd:]
+            shape = pixel_shape(layer)[-nd:]
             local = point[-len(shape) :]
             if not all(0 <= v < s for v, s in zip(local, shape)):
                 continue
@@ -1129,11 +1156,24 @@ class ExplorerWidget(QWidget):
                 "pick two different columns, or (none) for batch",
             ))  # fmt: skip
             return
+        if settings.condition and not settings.batch:
+            _error(MaeprobeInputError(
+                f"a condition ({settings.condition}) needs a batch column",
+                "pick the batch (plate, imaging date, ...) under batch, or (none) for condition",
+            ))  # fmt: skip
+            return
         from napari_maeprobe.tl.analysis_process import AnalysisProcess
 
-        if self._res.analysis is None:
-            self._res.analysis = AnalysisProcess()
-        self._analysis_job = self._res.analysis.submit(self.path, levels, settings)
+        try:
+            if self._res.analysis is None:
+                self._res.analysis = AnalysisProcess()
+            self._analysis_job = self._res.analysis.submit(self.path, levels, settings)
+        except (OSError, RuntimeError) as exc:  # the process could not start or take the job
+            _error(MaeprobeInputError(
+                f"the analysis could not start ({exc})",
+                "close other programs that use the memory, then retry",
+            ))  # fmt: skip
+            return
         self._analysis_levels = levels
         self.analyse_button.setEnabled(False)
         self.cancel_analysis_button.setEnabled(True)
@@ -1178,7 +1218,10 @@ class ExplorerWidget(QWidget):
             _error(str(payload))
             self.stage.setText("the analysis failed (see the notification)")
         else:
-            self.stage.setText("analysis cancelled; the store is as it was")
+            self.stage.setText(
+                "analysis cancelled: a level whose results were already saved keeps them; the "
+                "level it was working on keeps no new results (re-run Analyse for it)"
+            )
         self.analysis_finished.emit(kind)
 
     # ------------------------------------------------------------------ closing
@@ -1223,12 +1266,23 @@ class ExplorerWidget(QWidget):
         arrange_docks(self)
 
     def shutdown(self) -> None:
-        """End the analysis process and drop pending work (the dock or viewer closed)."""
+        """End the analysis process, drop pending work and let go of the viewer (the dock or
+        the viewer closed): no more loads from the hub, no more clicks handled, and the hub
+        forgets this explorer so the next one can be opened."""
         for kind in self._tokens:
             self._tokens[kind] += 1
         self._poll.stop()
         self._analysis_job = None
         self._res.shutdown()
+        hub = hub_for(self.viewer)
+        try:
+            hub.store_ready.disconnect(self.load)
+        except (TypeError, RuntimeError):
+            pass  # already disconnected
+        if self._on_viewer_click in self.viewer.mouse_drag_callbacks:
+            self.viewer.mouse_drag_callbacks.remove(self._on_viewer_click)
+        if hub.explorer is self:
+            hub.explorer = None
 
     def closeEvent(self, event) -> None:  # noqa: N802 (Qt API)
         self.shutdown()
@@ -1342,7 +1396,7 @@ class ExplorerWidget(QWidget):
             self.comparison = result
             self.compare_result.setText(_comparison_html(result))
 
-        self._start("task", work, done, busy=f"comparing {condition} and {batch}...")
+        self._start("compare", work, done, busy=f"comparing {condition} and {batch}...")
 
     def diagnose_selection(self) -> None:
         """Rank the metadata columns by how much the current selection (vs the rest) follows
@@ -1365,7 +1419,7 @@ class ExplorerWidget(QWidget):
             self._show_drivers(report)
             self.diagnostics_ready.emit(report)
 
-        self._start("task", work, done, busy="diagnosing the selection...")
+        self._start("diagnose", work, done, busy="diagnosing the selection...")
 
     def colour_by_top_column(self) -> None:
         """Recolour the scatter by the column that best explains the clusters/selection."""
@@ -1377,8 +1431,15 @@ class ExplorerWidget(QWidget):
             self.colour.setCurrentText(top)
 
     # ------------------------------------------------------------------ export
-    def export(self, path: str | Path, selection_only: bool = False, fmt: str | None = None):
-        """Write the whole table or the selection (h5ad / parquet / csv, from the suffix)."""
+    def export(
+        self,
+        path: str | Path,
+        selection_only: bool = False,
+        fmt: str | None = None,
+        rows: np.ndarray | None = None,
+    ):
+        """Write the whole table or the selection (h5ad / parquet / csv, from the suffix);
+        rows without an embedding (masked patches) are left out (see ``io.export``)."""
         from napari_maeprobe.io.export import write_table
 
         data = self.data
@@ -1386,7 +1447,8 @@ class ExplorerWidget(QWidget):
             raise ValueError("nothing loaded to export")
         path = Path(path)
         fmt = fmt or path.suffix.lstrip(".")
-        rows = self.scatter.selected() if selection_only else np.arange(data.n)
+        if rows is None:
+            rows = self.scatter.selected() if selection_only else np.arange(data.n)
         table = data.adata[np.asarray(rows, dtype=np.int64)].copy()
         facts = table.uns.setdefault("maeprobe", {})
         facts["source"] = str(data.source)
@@ -1397,10 +1459,31 @@ class ExplorerWidget(QWidget):
         fmt = self.export_format.currentText()
         path, _ = QFileDialog.getSaveFileName(self, "Export", f"embeddings.{fmt}", f"*.{fmt}")
         if path:
-            try:
-                self.export(path, selection_only, fmt)
-            except Exception as exc:  # shown to the user, GUI stays usable
-                _error(exc)
+            self.export_in_background(path, selection_only, fmt)
+
+    def export_in_background(self, path, selection_only: bool = False, fmt: str | None = None):
+        """:meth:`export` in a worker (a large table takes seconds to write); says where it
+        went and how many masked rows (no embedding) were left out."""
+        from napari.utils.notifications import show_info
+
+        if self.data is None:
+            _error(MaeprobeInputError("nothing loaded to export", "open a store first"))
+            return
+        if selection_only and len(self.scatter.selected()) == 0:
+            _error(MaeprobeInputError(
+                "nothing selected to export", "select points first, or export the whole table"
+            ))  # fmt: skip
+            return
+        rows = self.scatter.selected() if selection_only else None
+
+        def done(out) -> None:
+            note = out.left_out() if hasattr(out, "left_out") else ""
+            show_info(f"maeprobe: wrote {getattr(out, 'rows', '?'):,} rows to {out}"
+                      + (f"; {note}" if note else ""))  # fmt: skip
+            self.exported.emit(out)
+
+        self._start("export", lambda: self.export(path, selection_only, fmt, rows=rows), done,
+                    busy=f"exporting to {Path(path).name}...")  # fmt: skip
 
     def _ask_save_plot(self) -> None:
         path, _ = QFileDialog.getSaveFileName(self, "Save plot", "scatter.png", "*.png *.svg")
@@ -1432,6 +1515,52 @@ def table_choices(obs: pd.DataFrame) -> dict[str, list[str]]:
     for col in ("channel", "dataset"):
         out[col] = sorted(str(v) for v in obs[col].dropna().unique()) if col in obs else []
     return out
+
+
+def pixel_shape(layer) -> tuple[int, ...]:
+    """A napari image layer's spatial shape (an RGB layer's colour axis left out)."""
+    shape = tuple(int(v) for v in layer.data.shape)
+    return shape[:-1] if getattr(layer, "rgb", False) else shape
+
+
+def embedded_plane(data: ExplorerData, channels: dict | None = None) -> int | None:
+    """The z plane a 2D embedding of a z-stack was made from (``None``: a maximum projection,
+    or no z-stack): the store's ``z_index``, else the middle plane as ``project_z`` takes it."""
+    facts = data.store.facts if data.store is not None else {}
+    if facts.get("projection") != "slice" or len(data.patch_size) == 3:
+        return None
+    if facts.get("z_index") is not None:
+        return int(facts["z_index"])
+    for views in (channels or {}).values():
+        for view in views:
+            if np.ndim(view.data) == 3:
+                return int(np.shape(view.data)[0]) // 2
+    return None
+
+
+def cells_of(
+    data: ExplorerData, image: str, fallback: dict, cache: dict, z_index: int | None = None
+) -> np.ndarray | None:
+    """The cells of an image on the embedding's spatial axes (any thread): the store's labels,
+    else the ``<image> cells`` layer's (``fallback``). 3D cells behind a 2D embedding of a
+    z-stack are taken at the embedded plane, or projected (a pixel shows the cell any plane
+    holds there). Found labels are cached; a miss is not, so later cells are picked up."""
+    if cache.get(image) is not None:
+        return cache[image]
+    labels = _read_labels(data, image)
+    if labels is None and fallback.get(image) is not None:
+        labels = np.asarray(fallback[image])
+    if labels is None:
+        return None
+    nd = len(data.patch_size)
+    if labels.ndim > nd:
+        z = z_index if z_index is not None else embedded_plane(data)
+        if labels.ndim == nd + 1 and z is not None and 0 <= z < labels.shape[0]:
+            labels = labels[z]
+        else:
+            labels = labels.max(axis=tuple(range(labels.ndim - nd)))
+    cache[image] = labels
+    return labels
 
 
 def _read_labels(data: ExplorerData | None, image: str) -> np.ndarray | None:

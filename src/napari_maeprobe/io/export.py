@@ -98,8 +98,15 @@ class Exported(type(Path())):
 
 def embedded_rows(adata: ad.AnnData) -> np.ndarray:
     """Which rows have an embedding (every value of ``X`` finite); masked patches have none."""
+    if adata.X is None:
+        return np.ones(adata.n_obs, dtype=bool)
     X = np.asarray(adata.X, dtype=np.float32)
-    return np.isfinite(X).all(axis=1) if X.ndim == 2 and X.shape[1] else np.ones(len(X), bool)
+    if X.ndim != 2 or not X.shape[1]:
+        return np.ones(adata.n_obs, dtype=bool)
+    out = np.empty(len(X), dtype=bool)
+    for start in range(0, len(X), 65_536):  # in blocks: no temporary the size of X
+        out[start : start + 65_536] = np.isfinite(X[start : start + 65_536]).all(axis=1)
+    return out
 
 
 def _left_out_note(adata: ad.AnnData, dropped: np.ndarray) -> str:

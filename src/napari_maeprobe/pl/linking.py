@@ -119,7 +119,7 @@ def _coords(obsm, n: int) -> dict[str, np.ndarray]:
     if not out:
         raise MaeprobeInputError(
             f"no UMAP or PCA coordinates for this level ({n} rows)",
-            "run `maeprobe analyze STORE` first (or the Analyze button)",
+            "run `maeprobe analyze STORE` first (or Analyse in the explorer's Analyse tab)",
         )
     return out
 

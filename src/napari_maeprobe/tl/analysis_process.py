@@ -233,7 +233,9 @@ class AnalysisProcess:
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     code = proc.wait(0.5)
             if self._job is not None:
-                why = f"the analysis process ended unexpectedly (exit code {code})"
+                why = (f"the analysis process ended unexpectedly (exit code {code}), most "
+                       "likely out of memory. Fix: analyse fewer rows (a row cap, a smaller UMAP "
+                       "fit) or fewer levels at once")  # fmt: skip
                 self._messages.append(("error", self._job, why))
                 self._job = None
             _stop_child(self._child)
