@@ -12,7 +12,6 @@ from napari_maeprobe.pl.linking import (
     ExplorerData,
     highlight_image,
     load_level,
-    paste_cells,
     patch_boxes,
     rows_at,
 )
@@ -69,8 +68,10 @@ def test_store_level_links_rows_cells_and_attention(sample_store):
     rows = np.flatnonzero(((data.obs.image == IMAGE) & (data.obs.cell_id == cell)).to_numpy())
     hl = highlight_image(data, rows, IMAGE, labels.shape)
     assert hl[labels == cell].mean() > 0.9  # the cell's patches cover the cell
-    att = paste_cells(data, "attention", IMAGE, np.array([cell]), labels.shape)
-    assert np.isfinite(att).any() and np.nanmax(att) == pytest.approx(1.0)
+    from napari_maeprobe.pl.overlays import cell_attention
+
+    att = cell_attention(data, IMAGE, np.array([cell]), labels.shape, labels)
+    assert att[labels == cell].max() == pytest.approx(1.0) and not att[labels != cell].any()
     glob = load_level(sample_store, "global")
     cells = highlight_image(glob, np.flatnonzero((glob.obs.cell_id == cell).to_numpy()),
                             IMAGE, labels.shape, labels)  # fmt: skip

@@ -181,10 +181,11 @@ def test_level_change_clears_the_overlays(viewer, qtbot, sample_store):
     with qtbot.waitSignal(widget.layers_updated, timeout=30_000):
         _lasso(widget)
     assert _overlays(viewer)
-    with qtbot.waitSignal(widget.loaded, timeout=60_000):
+    with qtbot.waitSignals([widget.loaded, widget.layers_updated], timeout=60_000):
         widget.level.setCurrentIndex(widget.level.findData("global"))
     assert widget.data.level == "global"
     assert _overlays(viewer) == {}
+    assert f"{IMAGE} selected patches" not in viewer.layers  # not a thing at the cell levels
     # at the cell levels the overlay is called what it shows
     with qtbot.waitSignal(widget.layers_updated, timeout=30_000):
         _lasso(widget)

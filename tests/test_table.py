@@ -27,7 +27,8 @@ def patch_only_store(imc, tmp_path_factory):
 def test_per_cell_maps_are_keyed_by_cell_without_a_global_level(patch_only_store, imc):
     """Before: attention, masks and origins found their cell ids through the global level's
     rows, so a patch-only store had no attention overlays and no attention IoU."""
-    from napari_maeprobe.pl.linking import ExplorerData, paste_cells
+    from napari_maeprobe.pl.linking import ExplorerData
+    from napari_maeprobe.pl.overlays import cell_attention
     from napari_maeprobe.tl.evaluate import evaluate_store
 
     image, labels = imc
@@ -44,15 +45,11 @@ def test_per_cell_maps_are_keyed_by_cell_without_a_global_level(patch_only_store
     data = ExplorerData(adata, tuple(store.facts["patch_size"]),
                         tuple(store.facts["crop_size"]), store=store)  # fmt: skip
     cell = int(expected[10])
-    pasted = paste_cells(data, "attention", image.name, np.array([cell]), labels.shape)
-    assert pasted is not None and np.isfinite(pasted).any()
-    # the map lands on the cell's own crop: its crop origin is where the cell is
-    origin_ids, origins = store.read_cells("origins", 0)
-    oy, ox = origins[list(origin_ids).index(cell)]
-    ys, xs = np.nonzero(np.isfinite(pasted))
-    assert ys.min() == max(0, oy) and xs.min() == max(0, ox)
-    ys, xs = np.nonzero(labels == cell)
-    assert np.isfinite(pasted[int(ys.mean()), int(xs.mean())])
+    pasted = cell_attention(data, image.name, np.array([cell]), labels.shape, labels)
+    assert pasted is not None
+    # the map lands on the cell itself (found through its crop origin), nowhere else
+    assert pasted[labels == cell].max() == 1.0
+    assert not pasted[labels != cell].any()
 
     res = evaluate_store(store)
     assert res["cells"]["attention_iou"]["cells"] == len(expected)

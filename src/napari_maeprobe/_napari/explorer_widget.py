@@ -616,7 +616,6 @@ class ExplorerWidget(QWidget):
     ) -> None:
         """Show an already loaded level (the same as :meth:`load` without the worker)."""
         self._cancel_selection_work()
-        self._clear_overlays()
         self.data = data
         self._selected = np.zeros(0, dtype=np.int64)
         self.last_clicked = np.zeros(0, dtype=np.int64)
@@ -881,16 +880,24 @@ class ExplorerWidget(QWidget):
         kinds = ("selected cells", "selected patches") if data.level == "patch" else (
             "selected cells",
         )  # fmt: skip
+        wanted = set()
         for image, like in self._image_layers().items():
             if image not in names:
                 continue
             shape, scale, translate = self._spatial(like)
             for kind in kinds:
                 name = f"{image} {OVERLAY_NAMES[kind]}"
-                if name not in self.viewer.layers:
-                    dtype = np.uint8 if kind == "selected patches" else np.uint16
-                    steps.append((self._put_overlay, (name, kind, np.zeros(shape, dtype), scale,
-                                                      translate, like)))  # fmt: skip
+                wanted.add(name)
+                layer = self.viewer.layers[name] if name in self.viewer.layers else None
+                if layer is not None and tuple(layer.data.shape) == shape:
+                    steps.append((self._blank_layer, (layer,)))  # reused: only blanked
+                    continue
+                dtype = np.uint8 if kind == "selected patches" else np.uint16
+                steps.append((self._put_overlay, (name, kind, np.zeros(shape, dtype), scale,
+                                                  translate, like)))  # fmt: skip
+        for layer in self._overlay_layers():  # another level's or store's: one per turn
+            if layer.name not in wanted:
+                steps.insert(0, (self._remove_layer, (layer,)))
         QTimer.singleShot(0, lambda: self._run_steps(steps, token))
 
     def _run_steps(self, steps: list, token: int) -> None:

@@ -2,8 +2,8 @@
 
 The GUI keeps one table of observations per level (the store's ``obs``, or an ``.h5ad``'s) as the
 single source of truth; these functions turn a selection of its rows into pixels on the image
-(patch footprints, cell outlines, attention maps, masked reconstructions) and a click on the
-image into rows.
+(patch footprints, cells) and a click on the image into rows. What a selection draws is
+:mod:`napari_maeprobe.pl.overlays`; the per-cell gallery is :mod:`napari_maeprobe.pl.gallery`.
 """
 
 from __future__ import annotations
@@ -231,14 +231,6 @@ def _paint_boxes_2d(out: np.ndarray, boxes: np.ndarray) -> None:
     out[...] = np.maximum(out, (cover > 0).astype(np.uint8))  # every leading plane
 
 
-def cell_outlines(labels: np.ndarray, cells: np.ndarray) -> np.ndarray:
-    """Outlines (uint8) of the given cells of a label image."""
-    from napari_maeprobe.pp.boundaries import boundary_map
-
-    mask = np.where(np.isin(labels, cells), labels, 0)
-    return (boundary_map(mask) & (mask > 0)).astype(np.uint8)
-
-
 def selected_cells(data: ExplorerData, rows: np.ndarray) -> pd.DataFrame:
     """The distinct (image, cell_id) pairs behind some rows."""
     sel = data.obs.iloc[np.asarray(rows, dtype=np.int64)][["image", "cell_id"]].dropna()
@@ -272,65 +264,3 @@ def rows_at(
     p = point[-nd:]
     inside = ((boxes[:, :nd] <= p) & (p < boxes[:, nd:])).all(axis=1)
     return np.flatnonzero(inside & in_image)
-
-
-# --------------------------------------------------------------------------- stored maps
-
-
-def paste_cells(
-    data: ExplorerData,
-    name: str,
-    image: str,
-    cells: np.ndarray,
-    shape: tuple[int, ...],
-    channel: int | None = None,
-) -> np.ndarray | None:
-    """Paste the stored per-cell maps (``attention``, ``reconstruction`` or ``mask``) of some
-    cells of an image back at their crop positions, as an image of ``shape`` (NaN elsewhere).
-
-    Attention is averaged over heads (and channels for channel-agnostic models), scaled to
-    [0, 1] per cell and upsampled to pixels; masks become the share of channels masked per
-    pixel; reconstructions give ``channel`` (default: the mean over channels). ``None`` when
-    the store has no such maps (embed with --with-attention / --with-reconstruction).
-    """
-    store = data.store
-    if store is None or image not in data.image_index:
-        return None
-    i = data.image_index[image]
-    stored = store.read_cells(name, i)
-    if stored is None:
-        return None
-    ids, maps = stored
-    stored_origins = store.read_cells("origins", i)
-    if stored_origins is None:
-        return None
-    origin_ids, origins = stored_origins
-    origin_of = dict(zip(origin_ids.tolist(), range(len(origin_ids))))
-    want = np.isin(ids, np.asarray(cells, dtype=np.int64))
-    out = np.full(shape, np.nan, dtype=np.float32)
-    nd = len(data.patch_size)
-    for k in np.flatnonzero(want):
-        m = maps[k].astype(np.float32)
-        if name in ("attention", "mask"):
-            if name == "attention":
-                m = m.mean(axis=0)  # heads
-            while m.ndim > nd:
-                m = m.mean(axis=0)  # channels: for masks, the share of channels masked
-            for ax, p in enumerate(data.patch_size):
-                m = np.repeat(m, p, axis=ax)
-            if name == "attention":
-                m = m / max(float(np.nanmax(m)), 1e-12)
-        else:
-            m = m[channel] if channel is not None else m.mean(axis=0)
-        o = origins[origin_of[int(ids[k])]]
-        dst, src = [], []
-        for ax in range(nd):
-            start = int(o[ax])
-            lo, hi = max(0, start), min(shape[ax - nd], start + m.shape[ax])
-            if hi <= lo:
-                break
-            dst.append(slice(lo, hi))
-            src.append(slice(lo - start, hi - start))
-        else:
-            out[(Ellipsis, *dst)] = m[tuple(src)]
-    return out
