@@ -76,6 +76,16 @@ def _overlays(viewer):
             if is_overlay(ly) and ly.visible and np.asarray(ly.data).any()}  # fmt: skip
 
 
+def _process_ended(pid: int) -> bool:
+    """Gone, or a zombie its parent has not reaped yet."""
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
 def _analysed_store(tmp_path_factory, name, image, labels, **job):
     """A store of a real image embedded by the default model and analysed in this process."""
     from napari_maeprobe.embed.job import EmbedJob
@@ -392,13 +402,7 @@ def test_analysis_is_started_by_the_user_and_can_be_cancelled(viewer, qtbot, tmp
     assert pid is not None and psutil.pid_exists(pid)
     # shutting the explorer down (what closing its dock or the viewer does) ends the process
     widget.shutdown()
-    def ended() -> bool:
-        try:
-            return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-        except psutil.NoSuchProcess:
-            return True
-
-    qtbot.waitUntil(ended, timeout=10_000)
+    qtbot.waitUntil(lambda: _process_ended(pid), timeout=10_000)
 
 
 def test_closing_the_viewer_leaves_no_child_process(qtbot, tmp_path, sample_store):
@@ -465,13 +469,7 @@ def test_closing_the_dock_ends_its_analysis_process(viewer, qtbot, sample_store)
     assert psutil.pid_exists(pid)
     viewer.window.remove_dock_widget(widget)  # what the dock's close button does
 
-    def ended() -> bool:
-        try:
-            return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-        except psutil.NoSuchProcess:
-            return True
-
-    qtbot.waitUntil(ended, timeout=10_000)
+    qtbot.waitUntil(lambda: _process_ended(pid), timeout=10_000)
     assert widget._res.closed
 
 
