@@ -601,3 +601,32 @@ def test_gui_messages_name_controls_not_command_line_flags():
             job.check()
         assert "--" in str(exc.value)  # the CLI's own text is unchanged
         assert "--" not in widgets.gui_message(str(exc.value))
+
+
+def test_closing_the_data_dock_drops_a_running_segmentation(
+    make_napari_viewer, qtbot, errors, monkeypatch
+):
+    """The dock is closed while it segments: no cells layer appears afterwards."""
+    import threading
+
+    release = threading.Event()
+    real = widgets._segment_for_layers
+
+    def slow(*args, **kwargs):
+        release.wait(60)  # still running when the dock goes
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(widgets, "_segment_for_layers", slow)
+    viewer = make_napari_viewer()
+    add_sample(viewer, "cellpainting")
+    data = widgets.DataWidget(viewer)
+    viewer.window.add_dock_widget(data)
+    data.method_combo.setCurrentText("builtin")
+    qtbot.mouseClick(data.segment_button, LEFT)
+    assert data.is_running
+    viewer.window.remove_dock_widget(data)  # what the dock's close button does
+    release.set()
+    qtbot.waitUntil(lambda: not data.is_running, timeout=300_000)
+    qtbot.wait(300)
+    assert not [ly for ly in viewer.layers if ly.name.endswith(" cells")]
+    assert not errors

@@ -262,6 +262,7 @@ class DataWidget(QWidget):
         self._watched: dict[object, napari.layers.Layer] = {}
         self._labels_auto = True
         self._worker = None
+        self._closed = False  # taken out of its dock (see event)
         self._seg_built: BuiltImage | None = None
         self._seg_pending: tuple | None = None
         self._seg_clicked = 0.0
@@ -737,6 +738,16 @@ class DataWidget(QWidget):
         _busy(self.segment_progress, "segmenting...")
         worker.start()
 
+    def event(self, event) -> bool:
+        """Taken out of its dock (napari's close button unparents the widget): a segmentation
+        still running is dropped (it cannot be interrupted; its layers are never added)."""
+        if event.type() == QEvent.Type.ParentChange:
+            if self.parent() is not None:
+                self._docked = True
+            elif getattr(self, "_docked", False):
+                self._closed = True
+        return super().event(event)
+
     def _segmentation_done(self, outcome: Outcome) -> None:
         """The worker's result: show the layers, one per turn of the event loop.
 
@@ -746,6 +757,9 @@ class DataWidget(QWidget):
         machine), so the two layers are added in two turns and the GUI draws in between.
         """
         built = self._seg_built
+        if self._closed:  # the dock was closed meanwhile: its result goes nowhere
+            self._worker = None
+            return
         if outcome.status != "done":
             self._worker = None
             self.segment_button.setEnabled(True)
