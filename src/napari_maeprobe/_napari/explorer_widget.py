@@ -52,12 +52,14 @@ from napari_maeprobe._napari.jobs import compact_labels
 from napari_maeprobe._napari.layers import OVERLAY_KEY, is_overlay
 from napari_maeprobe._napari.scatter import LegendWidget, ScatterCanvas
 from napari_maeprobe.errors import MaeprobeInputError
+from napari_maeprobe.io.export import embedded_rows
 from napari_maeprobe.pl.linking import (
     ExplorerData,
     available_levels,
     load_level,
     rows_at,
 )
+from napari_maeprobe.tl.analyze import AnalysisSettings
 
 ALL = "(all)"
 NONE = "(none)"
@@ -282,26 +284,28 @@ class ExplorerWidget(QWidget):
         QHBoxLayout(self.analyse_levels).setContentsMargins(0, 0, 0, 0)
         self.an_foreground = QCheckBox("foreground patches only")
         self.an_central = QCheckBox("central patches only")
+        self._analysis_obs: pd.DataFrame | None = None  # the table the condition lists read
+        defaults = AnalysisSettings()  # the library's (and the command line's) defaults
         self.an_pcs = QSpinBox()
         self.an_pcs.setRange(2, 200)
-        self.an_pcs.setValue(50)
+        self.an_pcs.setValue(defaults.n_pcs)
         self.an_neighbors = QSpinBox()
         self.an_neighbors.setRange(2, 200)
-        self.an_neighbors.setValue(15)
+        self.an_neighbors.setValue(defaults.n_neighbors)
         self.an_min_dist = QDoubleSpinBox()
         self.an_min_dist.setRange(0.0, 1.0)
         self.an_min_dist.setSingleStep(0.05)
-        self.an_min_dist.setValue(0.1)
+        self.an_min_dist.setValue(defaults.min_dist)
         self.an_umap_fit = QSpinBox()
         self.an_umap_fit.setRange(1_000, 1_000_000)
         self.an_umap_fit.setSingleStep(5_000)
-        self.an_umap_fit.setValue(20_000)
+        self.an_umap_fit.setValue(defaults.umap_max_fit)
         self.an_umap_fit.setToolTip("UMAP is fitted on a sample this big; the other rows are "
                                     "placed by the fitted map")  # fmt: skip
         self.an_resolution = QDoubleSpinBox()
         self.an_resolution.setRange(0.05, 10.0)
         self.an_resolution.setSingleStep(0.1)
-        self.an_resolution.setValue(1.0)
+        self.an_resolution.setValue(defaults.resolution)
         self.an_max_rows = QSpinBox()
         self.an_max_rows.setRange(0, 50_000_000)
         self.an_max_rows.setSingleStep(10_000)
@@ -559,8 +563,7 @@ class ExplorerWidget(QWidget):
             warm_labels_display(*[(np.zeros((8, 8), dtype), _overlay_style(kind)) for dtype, kind
                                   in ((np.uint8, "selected patches"),
                                       (np.uint16, "selected cells"))])  # fmt: skip
-            valid = np.isfinite(data.adata.X).all(axis=1) if data.adata.X is not None else None
-            embedded = None if valid is None else int(valid.sum())
+            embedded = int(embedded_rows(data.adata).sum())
             return {"levels": levels, "analysed": analysed, "level": want, "data": data,
                     "labels": labels, "embedded": embedded,
                     "choices": table_choices(data.obs), "path": path}  # fmt: skip
@@ -621,8 +624,7 @@ class ExplorerWidget(QWidget):
         self.last_clicked = np.zeros(0, dtype=np.int64)
         self.gallery.clear()
         if embedded is None:
-            x = data.adata.X
-            embedded = data.n if x is None else int(np.isfinite(np.asarray(x)).all(axis=1).sum())
+            embedded = int(embedded_rows(data.adata).sum())
         self.embedded = embedded
         self.source_label.setText(self._header(data, embedded))
         self.source_label.setToolTip(
@@ -1107,7 +1109,7 @@ class ExplorerWidget(QWidget):
         from napari_maeprobe.tl.condition_batch import guess_control
 
         self.an_control.clear()
-        obs = getattr(self, "_analysis_obs", None)
+        obs = self._analysis_obs
         if obs is None or column in ("", NONE) or column not in obs:
             self.an_control.setEnabled(False)
             return
@@ -1118,9 +1120,8 @@ class ExplorerWidget(QWidget):
         except MaeprobeInputError:
             pass
 
-    def analysis_settings(self):
+    def analysis_settings(self) -> AnalysisSettings:
         """The Analyse tab's settings as the library takes them."""
-        from napari_maeprobe.tl.analyze import AnalysisSettings
 
         def pick(combo: QComboBox) -> str | None:
             text = combo.currentText()
@@ -1418,7 +1419,7 @@ class ExplorerWidget(QWidget):
         selection = np.zeros(data.n, dtype=bool)
         selection[rows] = True
         def work():
-            valid = np.isfinite(data.X).all(axis=1)
+            valid = embedded_rows(data.adata)
             obs = data.obs[valid].reset_index(drop=True)
             return what_drives(data.X[valid], obs, selection[valid], labels_name="selection")
 
